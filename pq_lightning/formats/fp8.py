@@ -1,0 +1,103 @@
+"""FP8 E4M3 weights with one scale per output channel (compressed-tensors ``float-quantized``).
+
+* weight scale ``s_o = amax(W[o, :]) / 448`` in fp32 (a zero scale replaced by fp32's eps),
+  stored as ``weight_scale`` ``[out, 1]`` float32; weight ``fp8(W / s)`` stored as ``weight``;
+* ``FP8`` (W8A8): the input is quantized per token at run time, ``s_t = amax(x_t) / 448``;
+* ``FP8W8A16``: weight-only, activations stay BF16 (served by the FP8 Marlin kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .base import QuantFormat, Shape, check_finite
+
+FP8_E4M3_MAX = 448.0
+_FP32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def fp8_round(scaled: torch.Tensor) -> torch.Tensor:
+    """Clamp to ±448 and round to the nearest FP8 E4M3 value (stays in fp8 dtype)."""
+    return torch.clamp(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` in fp32 with zeros replaced by fp32's eps (compressed-tensors' rule)."""
+    s = amax.float() / FP8_E4M3_MAX
+    return torch.where(s == 0, torch.full_like(s, _FP32_EPS), s)
+
+
+class FP8(QuantFormat):
+    """W8A8 FP8: per-channel weights, dynamic per-token activations (``FP8_DYNAMIC``)."""
+
+    name = "fp8"
+    quantizes_activations = True
+    tensor_names = ("weight", "weight_scale")
+
+    def bits(self, shape: Shape) -> int:
+        out, inp = int(shape[0]), int(shape[1])
+        return out * inp * 8 + out * 32
+
+    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+        return absmax_scale(w.detach().abs().amax(dim=1, keepdim=True))
+
+    def pack(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        self._check_weight(w)
+        w = w.detach()
+        s = self.weight_scale(w) if scale is None else scale.float().reshape(-1, 1)
+        return {"weight": fp8_round(w.float() / s), "weight_scale": s}
+
+    def unpack(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        w = tensors["weight"]
+        if w.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 weights must be float8_e4m3fn on disk, got {w.dtype}")
+        return w.float() * tensors["weight_scale"].float().reshape(-1, 1)
+
+    def fake_quant_activation(
+        self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-token dynamic FP8 (one scale per row of the last dimension), computed in fp32."""
+        if not self.quantizes_activations:
+            return x
+        check_finite(x, "FP8 activation")
+        xf = x.float()
+        s = absmax_scale(xf.abs().amax(dim=-1, keepdim=True))
+        return (fp8_round(xf / s).float() * s).to(x.dtype)
+
+    def scheme(self, targets: list[str]):
+        from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+
+        preset = preset_name_to_scheme("FP8_DYNAMIC", targets)
+        if self.quantizes_activations:
+            return preset
+        return QuantizationScheme(targets=targets, weights=preset.weights)
+
+
+class FP8W8A16(FP8):
+    """Weight-only FP8 per-channel (activations stay BF16)."""
+
+    name = "fp8_w8a16"
+    quantizes_activations = False
+
+
+class BF16(QuantFormat):
+    """Passthrough: the Linear stays in BF16 and is listed in the config's ``ignore``."""
+
+    name = "bf16"
+    quantizes_weights = False
+    tensor_names = ("weight",)
+
+    def bits(self, shape: Shape) -> int:
+        return int(shape[0]) * int(shape[1]) * 16
+
+    def pack(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_weight(w)
+        return {"weight": w.detach().to(torch.bfloat16)}
+
+    def unpack(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["weight"].float()
+
+    def scheme(self, targets: list[str]):
+        return None

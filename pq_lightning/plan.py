@@ -1,0 +1,260 @@
+"""From per-Linear costs to a plan: groups under serving constraints, a budget, ``plan.json``.
+
+Budgets are either the average bits per parameter of the body (``target_bits``, the seed's
+"6.0 bpp") or a whole-checkpoint size in GB (``target_size_gb``, 1 GB = 10**9 bytes), which counts
+everything on disk: the body at its chosen formats plus every other tensor (embeddings, norms,
+``lm_head``, vision tower, biases) at its stored dtype.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .allocate import Allocation, Group, Option, allocate, budget_from_bpp, fuse_options, min_feasible_bits
+from .architectures import fused_groups, group_name
+from .atomic import atomic_write_text
+from .cost import LinearCost
+
+GB = 10**9
+
+
+@dataclass
+class LinearPlan:
+    format: str
+    bits: int
+    predicted_dloss: float
+    group: str
+
+
+@dataclass
+class Plan:
+    """The chosen format of every body Linear, with exact sizes and predicted Δloss."""
+
+    linears: dict[str, LinearPlan]
+    estimator: str
+    target: dict
+    total_bits: int
+    body_params: int
+    bpp_body: float
+    predicted_dloss: float
+    solver: dict = field(default_factory=dict)
+    non_body_bytes: int | None = None
+
+    @property
+    def formats(self) -> dict[str, str]:
+        return {n: lp.format for n, lp in self.linears.items()}
+
+    def format_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for lp in self.linears.values():
+            counts[lp.format] = counts.get(lp.format, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def checkpoint_bytes(self) -> int | None:
+        if self.non_body_bytes is None:
+            return None
+        return self.non_body_bytes + math.ceil(self.total_bits / 8)
+
+    def to_dict(self) -> dict:
+        return {
+            "estimator": self.estimator,
+            "target": self.target,
+            "bpp_body": self.bpp_body,
+            "total_bits": self.total_bits,
+            "body_params": self.body_params,
+            "body_bytes": math.ceil(self.total_bits / 8),
+            "non_body_bytes": self.non_body_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "predicted_dloss": self.predicted_dloss,
+            "formats": self.format_counts(),
+            "solver": self.solver,
+            "linears": {n: asdict(lp) for n, lp in self.linears.items()},
+        }
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        d = json.loads(Path(path).read_text())
+        return cls(
+            linears={n: LinearPlan(**lp) for n, lp in d["linears"].items()},
+            estimator=d["estimator"],
+            target=d["target"],
+            total_bits=d["total_bits"],
+            body_params=d["body_params"],
+            bpp_body=d["bpp_body"],
+            predicted_dloss=d["predicted_dloss"],
+            solver=d.get("solver", {}),
+            non_body_bytes=d.get("non_body_bytes"),
+        )
+
+
+def build_groups(
+    costs: Mapping[str, LinearCost],
+    *,
+    model_type: str | None,
+    formats: Sequence[str],
+    pins: Mapping[str, str] | None = None,
+    bans: Mapping[str, Sequence[str]] | None = None,
+) -> list[Group]:
+    """Allocation groups: fused siblings priced together, pins and bans applied.
+
+    ``formats`` is the menu (order breaks exact ties: earlier wins); ``bf16`` is always offered.
+    ``pins`` maps a regex (``re.search`` on the Linear name) to the only format its Linears may
+    take; ``bans`` maps a regex to formats its Linears may not take. A pin naming a format a
+    Linear cannot take, or a regex that matches nothing, is an error that says so.
+    """
+    pins = dict(pins or {})
+    bans = {k: list(v) for k, v in (bans or {}).items()}
+    menu = list(dict.fromkeys([*formats, "bf16"]))
+    names = list(costs)
+    for rx in [*pins, *bans]:
+        if not any(re.search(rx, n) for n in names):
+            raise ValueError(f"pin/ban regex {rx!r} matches no body Linear (e.g. {names[:2]}); fix the regex")
+
+    def allowed(name: str) -> list[str]:
+        c = costs[name]
+        ok = [f for f in menu if f in c.bits]
+        for rx, banned in bans.items():
+            if re.search(rx, name):
+                ok = [f for f in ok if f not in banned]
+        for rx, fmt in pins.items():
+            if re.search(rx, name):
+                if fmt not in c.bits:
+                    why = c.unsupported.get(fmt, f"{fmt!r} is not in the cost menu {menu}")
+                    raise ValueError(f"pin {rx!r} -> {fmt!r} cannot apply to {name}: {why}")
+                ok = [fmt]
+        if not ok:
+            raise ValueError(f"{name}: every format is banned or unsupported; allow at least bf16")
+        return ok
+
+    groups = []
+    for members in fused_groups(names, model_type):
+        per_member = [
+            [Option(f, costs[m].bits[f], costs[m].dloss[f]) for f in allowed(m)] for m in members
+        ]
+        try:
+            options = fuse_options(per_member)
+        except ValueError:
+            raise ValueError(
+                f"fused siblings {list(members)} share no allowed format (pins/bans disagree); "
+                "the serving engine gives them one scheme, so pin them alike"
+            ) from None
+        groups.append(
+            Group(
+                name=group_name(members),
+                members=tuple(members),
+                params=sum(costs[m].params for m in members),
+                options=options,
+            )
+        )
+    return groups
+
+
+def non_body_bytes(model: torch.nn.Module, body_names: Sequence[str]) -> int:
+    """Bytes on disk of every saved tensor that is not a body Linear's weight (ties counted once)."""
+    body = {f"{n}.weight" for n in body_names}
+    seen: set[int] = set()
+    total = 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in body:
+            continue
+        key = t.data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def budget_bits(
+    groups: Sequence[Group],
+    *,
+    target_bits: float | None = None,
+    target_size_gb: float | None = None,
+    non_body: int | None = None,
+) -> int:
+    """The body's bit budget from exactly one of ``target_bits`` and ``target_size_gb``."""
+    if (target_bits is None) == (target_size_gb is None):
+        raise ValueError("give exactly one budget: target_bits (bits per body parameter) or target_size_gb")
+    if target_bits is not None:
+        if not target_bits > 0:
+            raise ValueError(f"target_bits must be > 0, got {target_bits}")
+        return budget_from_bpp(groups, target_bits)
+    if non_body is None:
+        raise ValueError("target_size_gb needs the bytes of the non-body tensors (non_body_bytes(model, ...))")
+    body_bytes = int(target_size_gb * GB) - non_body
+    if body_bytes <= 0:
+        raise ValueError(
+            f"target_size_gb={target_size_gb} leaves no room for the body: the tensors outside it "
+            f"already take {non_body / GB:.3f} GB; raise the size to more than that plus "
+            f"{min_feasible_bits(groups) / 8 / GB:.3f} GB"
+        )
+    return body_bytes * 8
+
+
+def make_plan(
+    costs: Mapping[str, LinearCost],
+    groups: Sequence[Group],
+    *,
+    max_bits: int,
+    estimator: str,
+    target: dict,
+    non_body: int | None = None,
+    allocation: Allocation | None = None,
+) -> Plan:
+    """Run the allocator (unless ``allocation`` is given) and spell the result out per Linear."""
+    alloc = allocation if allocation is not None else allocate(groups, max_bits=max_bits)
+    linears: dict[str, LinearPlan] = {}
+    for g in groups:
+        fmt = alloc.choice[g.name]
+        for m in g.members:
+            linears[m] = LinearPlan(
+                format=fmt, bits=costs[m].bits[fmt], predicted_dloss=costs[m].dloss[fmt], group=g.name
+            )
+    params = sum(g.params for g in groups)
+    total_bits = sum(lp.bits for lp in linears.values())
+    return Plan(
+        linears=dict(sorted(linears.items(), key=lambda kv: list(costs).index(kv[0]))),
+        estimator=estimator,
+        target={**target, "max_bits": max_bits},
+        total_bits=total_bits,
+        body_params=params,
+        bpp_body=total_bits / params,
+        predicted_dloss=math.fsum(lp.predicted_dloss for lp in linears.values()),
+        solver=alloc.stats,
+        non_body_bytes=non_body,
+    )
+
+
+def write_pareto_csv(plans: Sequence[Plan], path: str | Path) -> None:
+    """One row per plan: target, achieved bpp, bytes, predicted Δloss, format counts."""
+    fmts = sorted({f for p in plans for f in p.format_counts()})
+    rows = [["target_bits", "target_size_gb", "bpp_body", "body_bytes", "predicted_dloss", *fmts]]
+    for p in plans:
+        counts = p.format_counts()
+        rows.append(
+            [
+                p.target.get("target_bits", ""),
+                p.target.get("target_size_gb", ""),
+                f"{p.bpp_body:.6f}",
+                math.ceil(p.total_bits / 8),
+                f"{p.predicted_dloss:.9g}",
+                *[counts.get(f, 0) for f in fmts],
+            ]
+        )
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    atomic_write_text(path, buf.getvalue())

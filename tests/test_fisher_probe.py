@@ -1,0 +1,311 @@
+"""FisherProbe callback on a tiny random Llama, checked against a plain autograd reference."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from pq_lightning.callbacks import FisherProbe
+from torch.utils.data import DataLoader
+
+from pq_lightning.causal_lm import CausalLM
+from pq_lightning.formats import get_format
+from pq_lightning.models import find_body_linears, model_fingerprint
+from pq_lightning.sensitivity import load_sensitivity
+
+FORMATS = ("nvfp4", "fp8")
+SEQ = 12
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_thread():
+    # one intra-op thread: these models are tiny, and on a busy 2-core machine several threads per
+    # process oversubscribe the cores and make each step 10-30x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*(does not have many workers|eval mode|LeafSpec|val_dataloader|litlogger).*"
+        )
+        yield
+    torch.set_num_threads(threads)
+
+
+def _model(make_tiny_llama):
+    # a larger init scale than the default 0.02 gives gradients of a realistic spread
+    return make_tiny_llama(initializer_range=0.2)
+
+
+def _windows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(4, 128, (SEQ,), generator=gen)} for _ in range(n)]
+
+
+def _trainer(callbacks=(), **kw) -> L.Trainer:
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    args.update(kw)
+    return L.Trainer(callbacks=list(callbacks), **args)
+
+
+def _reference(hf_model, batches, formats=FORMATS):
+    """Per-token sums by explicit outer products in float64, from autograd on the sum-reduced loss."""
+    model = copy.deepcopy(hf_model).float()
+    linears = find_body_linears(model)
+    sums = {
+        n: {
+            "h": torch.zeros((), dtype=torch.float64),
+            "out": torch.zeros(m.out_features, dtype=torch.float64),
+            "in": torch.zeros(m.in_features, dtype=torch.float64),
+            "err": dict.fromkeys(formats, 0.0),
+        }
+        for n, m in linears.items()
+    }
+    n_tokens = 0
+    for ids in batches:
+        captured = {}
+
+        def hook(name, captured=captured):
+            def fn(module, args, output):
+                output.retain_grad()
+                captured[name] = (args[0].detach(), output)
+
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+        logits = model(input_ids=ids, use_cache=False).logits
+        for h in handles:
+            h.remove()
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        model.zero_grad()
+        loss.backward()
+        n_tokens += ids[:, 1:].numel()
+        for name, (x, out) in captured.items():
+            g = out.grad
+            w = linears[name].weight.detach()
+            quant = {}
+            for f in formats:
+                fmt = get_format(f)
+                if fmt.supports(tuple(w.shape)):
+                    quant[f] = (
+                        fmt.fake_quant(w).double(),
+                        [fmt.fake_quant_activation(x[b]) for b in range(x.shape[0])],
+                    )
+            s = sums[name]
+            for b in range(x.shape[0]):
+                for t in range(x.shape[1]):
+                    xt, gt = x[b, t].double(), g[b, t].double()
+                    per_token = torch.outer(gt, xt).pow(2)
+                    s["h"] += per_token.sum()
+                    s["out"] += per_token.sum(1)
+                    s["in"] += per_token.sum(0)
+                    for f, (qw, xq) in quant.items():
+                        err = w.double() @ xt - qw @ xq[b][t].double()
+                        s["err"][f] += 0.5 * float((gt.pow(2) * err.pow(2)).sum())
+    return sums, n_tokens
+
+
+def _rel(a, b) -> float:
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _assert_close(sens, other, tol):
+    """``sens`` (a Sensitivity) against another Sensitivity."""
+    assert sens.n_tokens == other.n_tokens
+    assert sens.linears.keys() == other.linears.keys()
+    for name, a in sens.linears.items():
+        b = other[name]
+        assert _rel(a.h_trace, b.h_trace) < tol, name
+        assert _rel(a.diag_out, b.diag_out) < tol, name
+        assert _rel(a.diag_in, b.diag_in) < tol, name
+        assert a.output_error.keys() == b.output_error.keys()
+        for f in a.output_error:
+            assert _rel(a.output_error[f], b.output_error[f]) < tol, (name, f)
+
+
+def test_probe_matches_per_token_reference(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    data = _windows(4)
+    probe = FisherProbe(output_path=str(tmp_path / "sens.safetensors"), formats=list(FORMATS))
+    module = CausalLM.from_model(copy.deepcopy(hf), probe_only=True)
+    _trainer([probe]).fit(module, DataLoader(data, batch_size=2))
+
+    batches = [torch.stack([d["input_ids"] for d in data[i : i + 2]]) for i in (0, 2)]
+    ref, n_tokens = _reference(hf, batches)
+    sens = probe.sensitivity
+    assert sens.n_tokens == n_tokens == 4 * (SEQ - 1)
+    assert len(sens.linears) == 14
+    for name, r in ref.items():
+        lin = sens[name]
+        assert _rel(lin.h_trace, r["h"] / n_tokens) < 1e-5, name
+        assert _rel(lin.diag_out, r["out"] / n_tokens) < 1e-5, name
+        assert _rel(lin.diag_in, r["in"] / n_tokens) < 1e-5, name
+        assert set(lin.output_error) == set(FORMATS)
+        for f in FORMATS:
+            assert r["err"][f] > 0
+            assert _rel(lin.output_error[f], r["err"][f] / n_tokens) < 1e-5, (name, f)
+
+    # the file on disk holds the same numbers and the model's fingerprint
+    on_disk = load_sensitivity(tmp_path / "sens.safetensors", model_fingerprint=model_fingerprint(hf))
+    _assert_close(on_disk, sens, 1e-15)
+    assert on_disk.meta["formats"] == list(FORMATS)
+    assert on_disk.meta["estimator"]["activation_global_scale"] == "per_sequence_amax"
+
+
+def test_gradient_accumulation_equals_bigger_batch(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    data = _windows(4, seed=1)
+    results = []
+    for batch_size, accumulate in ((2, 1), (1, 2)):
+        probe = FisherProbe(output_path=str(tmp_path / f"s{batch_size}.safetensors"))
+        module = CausalLM.from_model(copy.deepcopy(hf), probe_only=True)
+        _trainer([probe], accumulate_grad_batches=accumulate).fit(
+            module, DataLoader(data, batch_size=batch_size)
+        )
+        results.append(probe.sensitivity)
+    _assert_close(results[1], results[0], 1e-6)
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_probe_does_not_change_fine_tuning(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    data = _windows(6, seed=2)
+    runs = []
+    for with_probe in (False, True):
+        torch.manual_seed(0)
+        module = CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2)
+        rec = _LossRecorder()
+        cbs = [rec] + ([FisherProbe(output_path=str(tmp_path / "ft.safetensors"))] if with_probe else [])
+        _trainer(cbs, max_epochs=2).fit(module, DataLoader(data, batch_size=2))
+        runs.append((rec.losses, {k: v.detach().clone() for k, v in module.model.state_dict().items()}, cbs))
+    (loss_a, w_a, _), (loss_b, w_b, cbs) = runs
+    assert len(loss_a) == 6 and loss_a == loss_b
+    assert loss_a[-1] < loss_a[0]  # the weights did move
+    assert w_a.keys() == w_b.keys()
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    sens = cbs[-1].sensitivity
+    assert sens.n_tokens == 12 * (SEQ - 1)
+    assert all(lin.h_trace > 0 and lin.output_error["nvfp4"] > 0 for lin in sens.linears.values())
+
+
+def test_resumed_run_continues_the_sums(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    data = _windows(4, seed=3)
+
+    def loader():
+        return DataLoader(data, batch_size=2)
+
+    whole = FisherProbe(output_path=str(tmp_path / "whole.safetensors"))
+    _trainer([whole], max_epochs=2).fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader())
+
+    first = FisherProbe(output_path=str(tmp_path / "resumed.safetensors"))
+    trainer = _trainer([first], max_epochs=1)
+    trainer.fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader())
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert first.sensitivity.n_tokens == 2 * 2 * (SEQ - 1)
+
+    resumed = FisherProbe(output_path=str(tmp_path / "resumed.safetensors"))
+    _trainer([resumed], max_epochs=2).fit(
+        CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader(), ckpt_path=ckpt
+    )
+    assert resumed.sensitivity.n_tokens == whole.sensitivity.n_tokens == 4 * 2 * (SEQ - 1)
+    _assert_close(resumed.sensitivity, whole.sensitivity, 1e-12)
+    # the fingerprint is that of the model the probe started on
+    assert resumed.sensitivity.meta["model_fingerprint"] == model_fingerprint(hf)
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_equal_one(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    data = _windows(4, seed=4)
+    # one optimizer step, so both runs measure the same weights
+    single = FisherProbe(output_path=str(tmp_path / "single.safetensors"))
+    _trainer([single]).fit(
+        CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-3), DataLoader(data, batch_size=4)
+    )
+
+    ddp_path = tmp_path / "ddp.safetensors"
+    probe = FisherProbe(output_path=str(ddp_path))
+    trainer = _trainer([probe], devices=2, strategy="ddp_spawn")
+    trainer.fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-3), DataLoader(data, batch_size=2))
+    ddp = load_sensitivity(ddp_path, model_fingerprint=model_fingerprint(hf))
+    assert ddp.meta["world_size"] == 2
+    _assert_close(ddp, single.sensitivity, 1e-6)
+
+
+def test_include_regex_matching_nothing_is_a_clear_error(make_tiny_llama, tmp_path):
+    probe = FisherProbe(output_path=str(tmp_path / "s.safetensors"), include=[r"mlp\.nonexistent_proj"])
+    module = CausalLM.from_model(_model(make_tiny_llama), probe_only=True)
+    with pytest.raises(ValueError, match="matches no Linear"):
+        _trainer([probe]).fit(module, DataLoader(_windows(2), batch_size=2))
+
+
+def test_include_exclude_select_the_tracked_linears(make_tiny_llama, tmp_path):
+    probe = FisherProbe(
+        output_path=str(tmp_path / "s.safetensors"),
+        include=[r"layers\.1\."],
+        exclude=[r"down_proj"],
+        formats=["fp8"],
+        max_tokens=SEQ - 1,
+    )
+    module = CausalLM.from_model(_model(make_tiny_llama), probe_only=True)
+    _trainer([probe]).fit(module, DataLoader(_windows(3), batch_size=1))
+    sens = load_sensitivity(tmp_path / "s.safetensors")
+    assert sorted(sens.linears) == sorted(
+        f"model.layers.1.{p}"
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        )
+    )
+    assert sens.n_tokens == SEQ - 1  # max_tokens reached after the first batch
+    assert all(set(lin.output_error) == {"fp8"} for lin in sens.linears.values())
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown format"):
+        FisherProbe(formats=["nvfp5"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        FisherProbe(include=["(unclosed"])
+    with pytest.raises(ValueError, match="max_tokens"):
+        FisherProbe(max_tokens=0)
+
+
+def test_sensitivity_of_another_model_is_refused(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    probe = FisherProbe(output_path=str(tmp_path / "s.safetensors"), output_error=False)
+    _trainer([probe]).fit(
+        CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(_windows(2), batch_size=2)
+    )
+    other = make_tiny_llama(initializer_range=0.2, intermediate_size=48)
+    with pytest.raises(ValueError, match="measured on another model"):
+        load_sensitivity(tmp_path / "s.safetensors", model_fingerprint=model_fingerprint(other))
+    assert all(lin.output_error == {} for lin in probe.sensitivity.linears.values())

@@ -1,0 +1,347 @@
+"""GPTQ refinement: act-aware rounding, the scale sweep and the RTN gate, on synthetic Linears."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pq_lightning.formats import NonFiniteTensorError, get_format
+from pq_lightning.formats.e2m1 import e2m1_codes, e2m1_decode
+from pq_lightning.formats.fp8 import absmax_scale, fp8_round
+from pq_lightning.formats.nvfp4 import fp8_group_scales
+from pq_lightning.gptq import (
+    GPTQConfig,
+    accumulate_hessian,
+    gptq_fp8,
+    gptq_nvfp4,
+    group_output_error,
+    inverse_hessian_factor,
+    output_error,
+    refine_fp8,
+    refine_nvfp4,
+    scale_sweep_nvfp4,
+)
+
+NVFP4 = get_format("nvfp4")
+FP8 = get_format("fp8")
+OUT, IN = 64, 128
+
+
+def _mixing(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(IN, IN, generator=g) / IN**0.5
+
+
+def _tokens(n: int, A: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, A.shape[0], generator=g) @ A  # correlated inputs x = z @ A
+
+
+def _hessian(x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    H, n = None, 0
+    for b in x.split(batch):
+        H, n = accumulate_hessian(H, b, n)
+    return H / n
+
+
+@pytest.fixture(scope="module")
+def correlated():
+    torch.manual_seed(0)
+    W = torch.randn(OUT, IN)
+    A = _mixing()
+    H_fit = _hessian(_tokens(2048, A, seed=10))
+    H_held = _hessian(_tokens(2048, A, seed=11))
+    return W, H_fit, H_held, NVFP4.global_scale(W)
+
+
+def _same_nvfp4(a, b) -> bool:
+    return (
+        torch.equal(a.codes, b.codes)
+        and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
+        and torch.equal(a.global_scale, b.global_scale)
+    )
+
+
+def _upper_inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Textbook U: (H + λI)⁻¹ = UᵀU, λ = damp·mean(diag H), via an explicit inverse."""
+    Hd = H.double()
+    Hd = Hd + damp * Hd.diagonal().mean() * torch.eye(Hd.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True).float()
+
+
+# ---- Hessian and output error -----------------------------------------------------------------
+def test_accumulate_hessian_streams_to_xtx():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 32)
+    H, n = None, 0
+    for chunk in x.split(1):
+        H, n = accumulate_hessian(H, chunk, n)
+    ref = x.reshape(-1, 32).double().T @ x.reshape(-1, 32).double()
+    assert n == 150 and H.dtype == torch.float32
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="features"):
+        accumulate_hessian(H, torch.randn(4, 16), n)
+
+
+def test_output_error_is_the_token_sum_of_squared_output_errors():
+    torch.manual_seed(0)
+    W = torch.randn(40, 64)
+    x = torch.randn(300, 64)
+    H, _ = accumulate_hessian(None, x, 0)
+    W_hat = NVFP4.fake_quant(W)
+    ref = float((((W_hat.double() - W.double()) @ x.double().T) ** 2).sum())
+    assert output_error(W, W_hat, H) == pytest.approx(ref, rel=1e-5)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse():
+    torch.manual_seed(0)
+    x = torch.randn(100, 48) @ torch.randn(48, 48)
+    x[:, 7] = 0.0  # a dead input
+    H, _ = accumulate_hessian(None, x, 0)
+    U, dead = inverse_hessian_factor(H, 0.05)
+    assert dead.nonzero().flatten().tolist() == [7]
+    Hd = H.double()
+    Hd[7, 7] = 1.0
+    Hd += 0.05 * H.double().diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    torch.testing.assert_close((U.double().T @ U.double()), torch.linalg.inv(Hd), rtol=1e-4, atol=1e-8)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    assert int((U[7] != 0).sum()) == 1 and int((U[:, 7] != 0).sum()) == 1
+
+
+# ---- GPTQ vs RTN --------------------------------------------------------------------------------
+def test_gptq_beats_rtn_on_correlated_inputs_and_refine_keeps_it(correlated):
+    W, H_fit, H_held, gs = correlated
+    rtn = NVFP4.quantize(W, global_scale=gs).dequantize()
+    e_rtn = output_error(W, rtn, H_held)
+    for act_order in (False, True):
+        q = gptq_nvfp4(W, H_fit, global_scale=gs, damp=0.01, act_order=act_order)
+        e_gptq = output_error(W, q.dequantize(), H_held)
+        assert e_gptq <= 0.9 * e_rtn, (act_order, e_gptq, e_rtn)
+
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs)
+    assert res.method != "rtn"
+    assert res.candidates[res.key].heldout < 0.9 * res.candidates["rtn"].heldout
+    assert res.candidates[res.key].heldout == min(c.heldout for c in res.candidates.values())
+    assert {"rtn", "gptq@0.01", "gptq@0.03", "gptq@0.1", "sweep"} < set(res.candidates)
+    assert sum(k.startswith("sweep+gptq@") for k in res.candidates) == 1 and not res.failed
+    assert torch.equal(res.w_hat, res.quantized.dequantize())
+    assert res.heldout_gain > 0.1
+
+
+def test_gate_reverts_to_rtn_when_gptq_overfits():
+    torch.manual_seed(0)
+    W = torch.randn(OUT, IN)
+    gs = NVFP4.global_scale(W)
+    H_fit = _hessian(_tokens(8, _mixing(1), seed=20))  # rank 8 << in_features
+    H_held = _hessian(torch.randn(2048, IN))  # a different (isotropic) distribution
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs)
+    rtn = NVFP4.quantize(W, global_scale=gs)
+    for d in (0.01, 0.03, 0.1):  # GPTQ fits the 8 directions and is worse on held-out data
+        assert res.candidates[f"gptq@{d:g}"].fit < res.candidates["rtn"].fit
+        assert res.candidates[f"gptq@{d:g}"].heldout > res.candidates["rtn"].heldout
+    assert res.method == "rtn" and res.damp is None
+    assert _same_nvfp4(res.quantized, rtn)
+    assert torch.equal(res.w_hat, rtn.dequantize())
+    assert res.heldout_gain == 0.0
+
+
+def test_packed_bytes_decode_to_the_weight_gptq_used(correlated):
+    W, H_fit, _, gs = correlated
+    sweep = scale_sweep_nvfp4(W, H_fit, global_scale=gs)
+    for kwargs in (
+        {},
+        {"act_order": True},
+        {"scale": sweep.scale},
+        {"scale": sweep.scale, "act_order": True},
+    ):
+        q, w_hat = gptq_nvfp4(W, H_fit, global_scale=gs, damp=0.03, return_w_hat=True, **kwargs)
+        decoded = NVFP4.unpack(NVFP4.pack_quantized(q))
+        assert torch.equal(decoded, q.dequantize())
+        assert torch.equal(decoded, w_hat)
+        # codes are what NVFP4 rounding of the decoded weight gives back under the same scales
+        assert torch.equal(NVFP4.quantize(w_hat, global_scale=gs, scale=q.scale).codes & 7, q.codes & 7)
+        if "scale" in kwargs:
+            assert torch.equal(q.scale.view(torch.uint8), sweep.scale.view(torch.uint8))
+
+
+def test_diagonal_hessian_gives_rtn_exactly():
+    torch.manual_seed(0)
+    W = torch.randn(OUT, IN)
+    gs = NVFP4.global_scale(W)
+    rtn = NVFP4.quantize(W, global_scale=gs)
+    for H in (3.7 * torch.eye(IN), torch.diag(torch.rand(IN) + 0.1)):
+        for act_order in (False, True):
+            q = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, act_order=act_order)
+            assert _same_nvfp4(q, rtn)
+    q8 = gptq_fp8(W, 2.0 * torch.eye(IN), damp=0.01)
+    ref = FP8.pack(W)
+    assert torch.equal(q8["weight"].view(torch.uint8), ref["weight"].view(torch.uint8))
+    assert torch.equal(q8["weight_scale"], ref["weight_scale"])
+
+
+# ---- reference loops ------------------------------------------------------------------------------
+def _plain_gptq_nvfp4(W: torch.Tensor, H: torch.Tensor, gs: torch.Tensor, damp: float):
+    """One column at a time, no blocks: scale at group entry from the current weights."""
+    W = W.clone().float()
+    U = _upper_inverse_factor(H, damp)
+    codes = torch.zeros(W.shape, dtype=torch.uint8)
+    scales = torch.zeros(W.shape[0], W.shape[1] // 16, dtype=torch.float8_e4m3fn)
+    for j in range(W.shape[1]):
+        if j % 16 == 0:
+            scales[:, j // 16] = fp8_group_scales(W[:, j : j + 16].abs().amax(1), gs)
+        eff = scales[:, j // 16].float() / gs
+        codes[:, j] = e2m1_codes(W[:, j] / eff)
+        err = (W[:, j] - e2m1_decode(codes[:, j]) * eff) / U[j, j]
+        for k in range(j + 1, W.shape[1]):
+            W[:, k] -= err * U[j, k]
+    return codes, scales
+
+
+def test_blocked_gptq_matches_a_plain_column_loop():
+    torch.manual_seed(3)
+    W = torch.randn(4, 32)
+    x = torch.randn(64, 32) @ torch.randn(32, 32)
+    H, _ = accumulate_hessian(None, x, 0)
+    gs = NVFP4.global_scale(W)
+    codes, scales = _plain_gptq_nvfp4(W, H, gs, damp=0.01)
+    q = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=16)
+    assert torch.equal(q.codes, codes)
+    assert torch.equal(q.scale.view(torch.uint8), scales.view(torch.uint8))
+    assert not torch.equal(codes, NVFP4.quantize(W, global_scale=gs).codes)  # feedback did something
+    q128 = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=128)
+    assert torch.equal(q128.codes, codes)
+
+
+def test_fp8_gptq_matches_a_plain_column_loop_and_decodes_exactly():
+    torch.manual_seed(4)
+    W = torch.randn(4, 24)
+    x = torch.randn(64, 24) @ torch.randn(24, 24)
+    H, _ = accumulate_hessian(None, x, 0)
+    U = _upper_inverse_factor(H, 0.01)
+    s = absmax_scale(W.abs().amax(1, keepdim=True)).squeeze(1)
+    Wc, ref = W.clone(), torch.zeros(W.shape, dtype=torch.float8_e4m3fn)
+    for j in range(W.shape[1]):
+        ref[:, j] = fp8_round(Wc[:, j] / s)
+        err = (Wc[:, j] - ref[:, j].float() * s) / U[j, j]
+        for k in range(j + 1, W.shape[1]):
+            Wc[:, k] -= err * U[j, k]
+    t = gptq_fp8(W, H, damp=0.01, block_size=8)
+    assert torch.equal(t["weight"].view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(FP8.unpack(t), ref.float() * s.unsqueeze(1))
+
+
+def test_act_order_permutes_whole_groups_by_hessian_mass(correlated):
+    W, H_fit, _, gs = correlated
+    d = torch.ones(IN)
+    d[:16] = 0.1  # scale inputs 0..15 down: group 0 becomes the lightest, the order is not the identity
+    H = d[:, None] * H_fit * d[None, :]
+    mass = H.diagonal().reshape(-1, 16).sum(1)
+    gperm = torch.sort(-mass.double(), stable=True).indices
+    assert gperm[-1] == 0
+    cperm = (gperm[:, None] * 16 + torch.arange(16)).reshape(-1)
+    qp = gptq_nvfp4(W[:, cperm], H[cperm][:, cperm], global_scale=gs, damp=0.01)
+    q = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, act_order=True)
+    assert torch.equal(q.codes, qp.codes[:, torch.argsort(cperm)])
+    assert torch.equal(q.scale.view(torch.uint8), qp.scale[:, torch.argsort(gperm)].view(torch.uint8))
+
+
+def test_dead_inputs_keep_rtn_rounding_and_get_no_feedback(correlated):
+    W, _, _, gs = correlated
+    x = _tokens(512, _mixing(), seed=30)
+    dead = torch.tensor([0, 5, 17, 100])
+    x[:, dead] = 0.0
+    H = _hessian(x)
+    assert bool((H.diagonal()[dead] == 0).all())
+    for act_order in (False, True):
+        q = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, act_order=act_order)
+        eff = (q.scale.float() / gs).repeat_interleave(16, dim=1)
+        # dead columns: their original weights rounded under the group's scale
+        assert torch.equal(q.codes[:, dead], e2m1_codes(W[:, dead] / eff[:, dead]))
+        # and they feed no error into live columns: same result as GPTQ without those inputs' weights
+        W2 = W.clone()
+        W2[:, dead] = 0.0
+        q2 = gptq_nvfp4(W2, H, global_scale=gs, damp=0.01, scale=q.scale, act_order=act_order)
+        live = torch.ones(IN, dtype=torch.bool)
+        live[dead] = False
+        assert torch.equal(q.codes[:, live], q2.codes[:, live])
+    # all inputs dead: nothing to fit, GPTQ is RTN
+    q0 = gptq_nvfp4(W, torch.zeros(IN, IN), global_scale=gs, damp=0.01)
+    assert _same_nvfp4(q0, NVFP4.quantize(W, global_scale=gs))
+
+
+# ---- scale sweep --------------------------------------------------------------------------------
+def test_scale_sweep_never_worse_than_rtn_and_picks_the_best_fp8_candidate(correlated):
+    W, H_fit, _, gs = correlated
+    grid = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
+    sw = scale_sweep_nvfp4(W, H_fit, global_scale=gs, grid=grid)
+    rtn = NVFP4.quantize(W, global_scale=gs)
+    e_sw = group_output_error(W, sw.dequantize(), H_fit)
+    e_rtn = group_output_error(W, rtn.dequantize(), H_fit)
+    assert bool((e_sw <= e_rtn).all())
+    assert float(e_sw.sum()) < 0.9 * float(e_rtn.sum())
+    # brute force over the candidates, each re-rounded: the sweep's error is the minimum
+    amax = W.unflatten(-1, (-1, 16)).abs().amax(-1)
+    errs, cand_scales = [], []
+    for m in grid:
+        s = fp8_group_scales(amax * m, gs)
+        cand_scales.append(s.view(torch.uint8))
+        errs.append(group_output_error(W, NVFP4.quantize(W, global_scale=gs, scale=s).dequantize(), H_fit))
+    torch.testing.assert_close(e_sw, torch.stack(errs).min(0).values, rtol=1e-12, atol=0)
+    # chosen scales are FP8 values from the candidate set and the codes are RTN under them
+    assert sw.scale.dtype == torch.float8_e4m3fn
+    assert bool((torch.stack(cand_scales) == sw.scale.view(torch.uint8)).any(0).all())
+    assert torch.equal(sw.scale.float().to(torch.float8_e4m3fn).view(torch.uint8), sw.scale.view(torch.uint8))
+    assert torch.equal(NVFP4.quantize(W, global_scale=gs, scale=sw.scale).codes, sw.codes)
+    assert torch.equal(NVFP4.unpack(NVFP4.pack_quantized(sw)), sw.dequantize())
+
+
+def test_group_error_is_exact_for_a_block_diagonal_hessian():
+    torch.manual_seed(5)
+    W = torch.randn(8, 48)
+    blocks = [torch.randn(32, 16) for _ in range(3)]
+    H = torch.block_diag(*[b.T @ b for b in blocks])
+    W_hat = NVFP4.fake_quant(W)
+    assert float(group_output_error(W, W_hat, H).sum()) == pytest.approx(output_error(W, W_hat, H), rel=1e-9)
+
+
+# ---- FP8, determinism, errors ---------------------------------------------------------------------
+def test_refine_fp8_keeps_gptq_on_correlated_inputs(correlated):
+    W, H_fit, H_held, _ = correlated
+    res = refine_fp8(W, H_fit, H_held)
+    assert res.method == "gptq"
+    assert res.candidates[res.key].heldout <= 0.9 * res.candidates["rtn"].heldout
+    assert torch.equal(res.w_hat, FP8.unpack(res.quantized))
+
+
+def test_deterministic(correlated):
+    W, H_fit, H_held, gs = correlated
+    W0, H0 = W.clone(), H_fit.clone()
+    a = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(act_order=True))
+    b = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(act_order=True))
+    assert a.key == b.key and a.candidates == b.candidates
+    assert _same_nvfp4(a.quantized, b.quantized)
+    assert torch.equal(W, W0) and torch.equal(H_fit, H0)  # inputs are never modified
+
+
+def test_non_finite_and_bad_arguments_raise_clear_errors(correlated):
+    W, H_fit, H_held, gs = correlated
+    Wn = W.clone()
+    Wn[3, 7] = float("nan")
+    with pytest.raises(NonFiniteTensorError, match="weight"):
+        gptq_nvfp4(Wn, H_fit, global_scale=gs)
+    Hi = H_fit.clone()
+    Hi[2, 2] = float("inf")
+    with pytest.raises(NonFiniteTensorError, match="Hessian"):
+        refine_nvfp4(W, Hi, H_held, global_scale=gs)
+    with pytest.raises(NonFiniteTensorError, match="Hessian"):
+        gptq_fp8(W, Hi)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gptq_nvfp4(W, H_fit, global_scale=gs, block_size=24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        GPTQConfig(block_size=40)
+    with pytest.raises(ValueError, match=r"\[in, in\]"):
+        gptq_nvfp4(W, H_fit[:64, :64], global_scale=gs)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        gptq_nvfp4(W, H_fit, global_scale=gs, scale=torch.ones(OUT, IN // 16))
+    with pytest.raises(ValueError, match="damping"):
+        gptq_nvfp4(W, H_fit, global_scale=gs, damp=-1.0)
