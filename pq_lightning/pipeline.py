@@ -218,7 +218,7 @@ def quantize(
     """
     from .cost import compute_costs
     from .models import find_body_linears, load_causal_lm, model_fingerprint
-    from .plan import Plan, budget_bits, build_groups, make_plan, non_body_bytes, write_pareto_csv
+    from .plan import Plan, build_groups, make_plan, non_body_bytes, write_pareto_csv
     from .sensitivity import load_sensitivity
 
     formats = list(formats or ["nvfp4", "fp8"])
@@ -272,7 +272,7 @@ def quantize(
         plans: dict[str, Plan] = {}
         for tb, ts in targets:
             label = _label(tb, ts)
-            max_bits = budget_bits(groups, target_bits=tb, target_size_gb=ts, non_body=nb)
+            max_bits = _budget(groups, tb, ts, nb, console)
             plan = make_plan(
                 costs, groups, max_bits=max_bits, estimator=estimator,
                 target={"target_bits": tb, "target_size_gb": ts}, non_body=nb,
@@ -284,7 +284,7 @@ def quantize(
         for b in sweep:
             try:
                 sweep_plans.append(
-                    make_plan(costs, groups, max_bits=budget_bits(groups, target_bits=b), estimator=estimator,
+                    make_plan(costs, groups, max_bits=_budget(groups, b, None, nb, None), estimator=estimator,
                               target={"target_bits": b}, non_body=nb)
                 )
             except ValueError as e:  # a sweep point below the smallest feasible budget
@@ -311,32 +311,58 @@ def quantize(
     results: dict[str, dict] = {}
     for label, plan in plans.items():
         console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
-        refined = _refine(hf_model, plan, cal, refine, model_type, timer, track)
+        refine_key = _key("refine", model_fp, asdict(calibration), plan.formats, asdict(refine))
+        refine_path = work / f"refine-{refine_key}.safetensors"
+        with timer.stage("refine"):
+            if refine_path.exists():
+                console.print(f"refine: cached ({refine_path.name})")
+                refined = load_refined(refine_path)
+            else:
+                refined = _refine(hf_model, plan, cal, refine, model_type, track)
+                save_refined(refined, refine_path)
         ckpt = out / f"checkpoint-{label}"
+        export_key = _key("export", refine_key)
         with timer.stage("export"):
-            from .export import export_checkpoint
+            if _manifest_key(ckpt) == export_key:
+                console.print(f"export: up to date ({ckpt})")
+                from .export import body_bpp_from_checkpoint
 
-            res = export_checkpoint(
-                hf_model, plan.formats, ckpt, quantized=refined.packed, input_amax=refined.input_amax,
-                tokenizer=tokenizer, overwrite=True if overwrite or _ours(ckpt) else False,
-                manifest={"model_fingerprint": model_fp, "calibration": asdict(calibration),
-                          "plan_target": plan.target, "estimator": estimator},
-            )
+                bpp_files = body_bpp_from_checkpoint(ckpt, list(plan.linears))
+            else:
+                from .export import export_checkpoint
+
+                res = export_checkpoint(
+                    hf_model, plan.formats, ckpt, quantized=refined.packed, input_amax=refined.input_amax,
+                    tokenizer=tokenizer, overwrite=overwrite or _manifest_key(ckpt) is not None,
+                    manifest={"model_fingerprint": model_fp, "stage_key": export_key,
+                              "calibration": asdict(calibration), "plan_target": plan.target,
+                              "estimator": estimator},
+                )
+                bpp_files = res.bpp_body
         entry: dict[str, Any] = {
             "checkpoint": str(ckpt),
-            "bpp_body": res.bpp_body,
+            "bpp_body": bpp_files,
             "bpp_body_plan": plan.bpp_body,
             "formats": plan.format_counts(),
             "predicted_dloss": plan.predicted_dloss,
             "gptq": _gptq_summary(refined),
         }
         if eval_windows is not None:
-            with timer.stage("evaluate"):
-                from .evaluate import evaluate_checkpoint
+            from .data import windows_fingerprint
 
-                entry["eval"] = evaluate_checkpoint(
-                    hf_model, ckpt, eval_windows, batch_size=evaluation.batch_size, top_k=evaluation.top_k,
-                )
+            eval_path = work / f"eval-{_key('eval', export_key, windows_fingerprint(eval_windows), asdict(evaluation))}.json"
+            with timer.stage("evaluate"):
+                if eval_path.exists():
+                    console.print(f"evaluate: cached ({eval_path.name})")
+                    entry["eval"] = json.loads(eval_path.read_text())
+                else:
+                    from .evaluate import evaluate_checkpoint
+
+                    entry["eval"] = evaluate_checkpoint(
+                        hf_model, ckpt, eval_windows, batch_size=evaluation.batch_size, top_k=evaluation.top_k,
+                        accelerator=_eval_accelerator(hf_model),
+                    )
+                    write_json(eval_path, entry["eval"])
         results[label] = entry
 
     # ---- report --------------------------------------------------------------------------
@@ -355,29 +381,96 @@ def quantize(
     return report
 
 
-def _ours(ckpt: Path) -> bool:
-    """A checkpoint folder written by an earlier run of this pipeline (safe to replace)."""
-    return (ckpt / "pq_manifest.json").exists()
+#: A bits target at most this fraction below the smallest feasible budget is read as that budget:
+#: per-tensor global scales put an all-NVFP4 body a hair above its nominal 4.5 bpp (4.50013 on
+#: SmolLM2-135M, more on tiny models), and "4.5" means that build.
+NOMINAL_RATE_TOLERANCE = 0.01
 
 
-def _refine(hf_model, plan, cal, refine: RefineConfig, model_type, timer, track):
+def _budget(groups, target_bits, target_size_gb, non_body, console) -> int:
+    from .allocate import min_feasible_bits, total_params
+    from .plan import budget_bits
+
+    bits = budget_bits(groups, target_bits=target_bits, target_size_gb=target_size_gb, non_body=non_body)
+    floor = min_feasible_bits(groups)
+    if target_bits is not None and bits < floor and floor / total_params(groups) <= target_bits * (1 + NOMINAL_RATE_TOLERANCE):
+        if console is not None:
+            console.print(
+                f"[yellow]{target_bits} bpp is the nominal rate of the smallest build; its per-tensor scales "
+                f"take it to {floor / total_params(groups):.6f} bpp, which is used"
+            )
+        return floor
+    return bits
+
+
+def _manifest_key(ckpt: Path) -> str | None:
+    """The stage key of a checkpoint this pipeline wrote earlier ("" if it has none), else None."""
+    path = ckpt / "pq_manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("manifest", {}).get("stage_key", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _eval_accelerator(hf_model) -> str:
+    return "gpu" if next(hf_model.parameters()).is_cuda else "cpu"
+
+
+def save_refined(refined, path: Path) -> None:
+    """The refiner's packed tensors (safetensors) with its amax, decisions and totals (metadata)."""
+    from safetensors.torch import save
+
+    tensors = {f"{name}::{k}": t.detach().cpu().clone() for name, d in refined.packed.items() for k, t in d.items()}
+    meta = {
+        "input_amax": refined.input_amax,
+        "decisions": {n: asdict(d) for n, d in refined.decisions.items()},
+        "totals": refined.totals,
+    }
+    from .atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, save(tensors, metadata={"pq_lightning.refine": json.dumps(meta, default=float)}))
+
+
+def load_refined(path: Path):
+    """Inverse of :func:`save_refined`: a :class:`~pq_lightning.refine.RefineOutput`."""
+    from safetensors import safe_open
+
+    from .refine import LinearDecision, RefineOutput
+
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["pq_lightning.refine"])
+        for key in f.keys():
+            name, _, tensor = key.rpartition("::")
+            packed.setdefault(name, {})[tensor] = f.get_tensor(key)
+    return RefineOutput(
+        packed=packed,
+        input_amax={k: float(v) for k, v in meta["input_amax"].items()},
+        decisions={n: LinearDecision(**d) for n, d in meta["decisions"].items()},
+        totals=meta["totals"],
+    )
+
+
+def _refine(hf_model, plan, cal, refine: RefineConfig, model_type, track):
     from .gptq import GPTQConfig
     from .refine import refine_model
 
-    with timer.stage("refine"):
-        fit = list(torch.split(cal.windows, cal.batch_size))
-        held = list(torch.split(cal.holdout_windows, cal.batch_size)) if cal.num_holdout else []
-        if not held:
-            # no held-out windows: score on the last fit batch (the gate then cannot detect overfitting)
-            held = fit[-1:]
-        config = GPTQConfig(
-            dampening=tuple(refine.dampening), block_size=refine.block_size, act_order=refine.act_order,
-            sweep=refine.sweep,
-        )
-        return refine_model(
-            hf_model, plan.formats, fit, held, config=config, gptq=refine.gptq, fp8_gptq=refine.fp8_gptq,
-            model_type=model_type, progress=lambda it: track(it, "refine layers"),
-        )
+    device = next(hf_model.parameters()).device
+    fit = [w.to(device) for w in torch.split(cal.windows, cal.batch_size)]
+    held = [w.to(device) for w in torch.split(cal.holdout_windows, cal.batch_size)] if cal.num_holdout else []
+    if not held:
+        # no held-out windows: score on the last fit batch (the gate then cannot detect overfitting)
+        held = fit[-1:]
+    config = GPTQConfig(
+        dampening=tuple(refine.dampening), block_size=refine.block_size, act_order=refine.act_order,
+        sweep=refine.sweep,
+    )
+    return refine_model(
+        hf_model, plan.formats, fit, held, config=config, gptq=refine.gptq, fp8_gptq=refine.fp8_gptq,
+        model_type=model_type, progress=lambda it: track(it, "refine layers"),
+    )
 
 
 def _gptq_summary(refined) -> dict:

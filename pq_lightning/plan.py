@@ -162,7 +162,11 @@ def build_groups(
 
 
 def non_body_bytes(model: torch.nn.Module, body_names: Sequence[str]) -> int:
-    """Bytes on disk of every saved tensor that is not a body Linear's weight (ties counted once)."""
+    """Bytes on disk of every saved tensor that is not a body Linear's weight (ties counted once).
+
+    Floating-point tensors count as BF16, the dtype the exporter writes them in, whatever dtype
+    the model was loaded in; other tensors at their own size.
+    """
     body = {f"{n}.weight" for n in body_names}
     seen: set[int] = set()
     total = 0
@@ -173,7 +177,7 @@ def non_body_bytes(model: torch.nn.Module, body_names: Sequence[str]) -> int:
         if key in seen:
             continue
         seen.add(key)
-        total += t.numel() * t.element_size()
+        total += t.numel() * (2 if t.is_floating_point() else t.element_size())
     return total
 
 

@@ -1,0 +1,166 @@
+"""The quantize pipeline end to end on a tiny Llama saved as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pq_lightning.cli import main
+from pq_lightning.export import checkpoint_tensor_bytes
+from pq_lightning.formats import get_format
+from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, quantize
+from pq_lightning.plan import Plan
+from pq_lightning.served import load_quantized_checkpoint
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Return the number of items in the sequence, "
+    "or raise an error when it is empty. "
+) * 60
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, make_tiny_llama, tiny_tokenizer):
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    (tmp_path / "text.txt").write_text(TEXT)
+    return path
+
+
+def _settings(tmp_path):
+    return dict(
+        dtype="float32",
+        calibration=CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32, num_samples=8, batch_size=4,
+                                      holdout_fraction=0.25),
+        evaluation=EvalConfig(path=str(tmp_path / "text.txt"), window=31, max_windows=4, batch_size=2),
+        refine=RefineConfig(dampening=[0.01, 0.1]),
+        pareto_bits=[4.5, 5.0, 6.0, 7.0, 8.0],
+        accelerator="cpu",
+    )
+
+
+def test_quantize_end_to_end_and_reuse(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cfg = {
+        "model": str(tiny_model_dir),
+        "output_dir": str(out),
+        "target_bits": 6.0,
+        "dtype": "float32",
+        "accelerator": "cpu",
+        "pareto_bits": [4.5, 5.0, 6.0, 7.0, 8.0],
+        "calibration": {"source": str(tmp_path / "text.txt"), "seqlen": 32, "num_samples": 8, "batch_size": 4,
+                        "holdout_fraction": 0.25},
+        "evaluation": {"path": str(tmp_path / "text.txt"), "window": 31, "max_windows": 4, "batch_size": 2},
+        "refine": {"dampening": [0.01, 0.1]},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    main(["quantize", "--config", str(tmp_path / "cfg.yaml")])
+
+    report = json.loads((out / "report.json").read_text())
+    for key in ("bpp_body", "formats", "predicted_dloss", "eval", "timings_s", "gptq", "versions"):
+        assert key in report, key
+    for key in ("kl_all", "kl_conf", "kl_top20_conf", "top1_conf", "top1_all", "n_positions"):
+        assert key in report["eval"], key
+    assert report["eval"]["n_positions"] == 4 * 31
+    assert report["eval"]["kl_all"] > 0 and 0 <= report["eval"]["top1_all"] <= 1
+
+    plan = Plan.load(out / "plan-6bpp.json")
+    assert plan.bpp_body <= 6.0
+    # the bpp computed from the files on disk equals the plan's, exactly
+    assert report["bpp_body"] == plan.bpp_body
+    ckpt = out / "checkpoint-6bpp"
+    sizes = checkpoint_tensor_bytes(ckpt)
+    body_bytes = 0
+    for name, lp in plan.linears.items():
+        fmt = get_format(lp.format)
+        body_bytes += sum(v for k, v in sizes.items() if k.startswith(name + ".") and not k.endswith(".bias"))
+        assert lp.bits == fmt.bits(_shape(name))
+    assert body_bytes * 8 == plan.total_bits
+    model, info = load_quantized_checkpoint(ckpt, dtype=torch.float32)
+    assert {n: i.format for n, i in info.items()} == {n: f for n, f in plan.formats.items() if f != "bf16"}
+    for png in ("pareto.png", "sensitivity.png", "formats-6bpp.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "vllm serve" in (out / "report.md").read_text()
+    # the sweep's predicted Δloss falls as the budget grows; 4.5 is read as the all-NVFP4 build
+    pareto = report["pareto"]
+    assert [p["target_bits"] for p in pareto] == [4.5, 5.0, 6.0, 7.0, 8.0]
+    assert all(a["predicted_dloss"] >= b["predicted_dloss"] for a, b in zip(pareto, pareto[1:], strict=False))
+    assert pareto[0]["formats"] == {"nvfp4": 14}
+
+    # second run, two other budgets: the probe is reused, not re-measured
+    work = out / "work"
+    sens_files = sorted(work.glob("sensitivity-*.safetensors"))
+    assert len(sens_files) == 1
+    mtime = sens_files[0].stat().st_mtime_ns
+    report2 = quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=[5.0, 8.0], **_settings(tmp_path))
+    assert sorted(work.glob("sensitivity-*.safetensors")) == sens_files
+    assert sens_files[0].stat().st_mtime_ns == mtime
+    kl5 = report2["targets"]["5bpp"]["eval"]["kl_all"]
+    kl8 = report2["targets"]["8bpp"]["eval"]["kl_all"]
+    assert report2["targets"]["8bpp"]["predicted_dloss"] <= report2["targets"]["5bpp"]["predicted_dloss"]
+    assert kl8 < kl5
+
+    # a third run with the same budget reuses refine, export and evaluation too
+    before = (out / "checkpoint-8bpp" / "pq_manifest.json").stat().st_mtime_ns
+    report3 = quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=8.0, **_settings(tmp_path))
+    assert (out / "checkpoint-8bpp" / "pq_manifest.json").stat().st_mtime_ns == before
+    assert report3["eval"] == report2["targets"]["8bpp"]["eval"]
+
+
+def _shape(name: str) -> tuple[int, int]:
+    if name.endswith(("q_proj", "o_proj")):
+        return (64, 64)
+    if name.endswith(("k_proj", "v_proj")):
+        return (32, 64)
+    if name.endswith(("gate_proj", "up_proj")):
+        return (128, 64)
+    return (64, 128)
+
+
+def test_size_budget_fits_the_files(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pq_lightning.models import find_body_linears
+    from pq_lightning.plan import non_body_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    body = find_body_linears(model)
+    params = sum(m.weight.numel() for m in body.values())
+    size_gb = (non_body_bytes(model, list(body)) + params * 6 // 8) / 1e9  # the rest in fp32 + body at 6 bpp
+    out = tmp_path / "out"
+    report = quantize(model=str(tiny_model_dir), output_dir=str(out), target_size_gb=size_gb,
+                      **{**_settings(tmp_path), "evaluation": EvalConfig(enabled=False)})
+    (ckpt,) = out.glob("checkpoint-*GB")
+    total = sum(checkpoint_tensor_bytes(ckpt).values())
+    assert total <= size_gb * 1e9
+    (plan_path,) = out.glob("plan-*GB.json")
+    plan = Plan.load(plan_path)
+    assert plan.checkpoint_bytes == total
+    assert 5.5 < plan.bpp_body <= 6.0
+    assert "eval" not in report
+
+
+def test_infeasible_budget_says_the_smallest(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="smallest feasible budget"):
+        quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / "o"), target_bits=3.0,
+                 **{**_settings(tmp_path), "evaluation": EvalConfig(enabled=False)})
+    assert not any((tmp_path / "o").glob("checkpoint-*"))
+
+
+def test_shapes_helper_matches_model(make_tiny_llama):
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            assert tuple(mod.weight.shape) == _shape(name)

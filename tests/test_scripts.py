@@ -1,0 +1,203 @@
+"""The device scripts: scripts/gpu_check.py (CPU dry run), scripts/gpu_check.sh, scripts/vllm_smoke.py.
+
+The GPU parts cannot run here; what can is checked: argument parsing, the "vllm missing" error, the
+prompt log-prob bookkeeping, the byte counts, the bit comparison, the pytest runner, and the whole
+gpu_check.py dry run (Triton interpreter vs torch reference, bandwidth code path, every pipeline
+stage on a tiny random Llama).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return _load("vllm_smoke")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _load("gpu_check")
+
+
+def _fake_checkpoint(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors", "config_groups": {}},
+    }))
+    return folder
+
+
+# ---- vllm_smoke.py ----------------------------------------------------------------------------
+
+
+def test_vllm_smoke_imports_without_vllm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # any top-level `import vllm` would raise
+    mod = _load("vllm_smoke")
+    assert len(mod.DEFAULT_PROMPTS) == 2 and callable(mod.main)
+
+
+def test_vllm_smoke_arguments(smoke, monkeypatch, tmp_path):
+    monkeypatch.delenv("OUT", raising=False)
+    a = smoke.parse_args(["--checkpoint", "ck"])
+    assert (a.checkpoint, a.out, a.prompts) == ("ck", "vllm_smoke.json", list(smoke.DEFAULT_PROMPTS))
+    assert (a.max_tokens, a.top_logprobs, a.max_model_len, a.compare_emulation) == (24, 20, 1024, False)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    a = smoke.parse_args(["--checkpoint", "ck", "--prompt", "a", "--prompt", "b c", "--max-tokens", "3",
+                          "--top-logprobs", "5", "--compare-emulation"])
+    assert a.out == str(tmp_path / "vllm_smoke.json")
+    assert a.prompts == ["a", "b c"] and a.max_tokens == 3 and a.top_logprobs == 5 and a.compare_emulation
+    for bad in (["--top-logprobs", "21"], ["--max-tokens", "0"], ["--gpu-memory-utilization", "1.5"], []):
+        with pytest.raises(SystemExit):
+            smoke.parse_args((["--checkpoint", "ck"] if bad else []) + bad)
+
+
+def test_vllm_smoke_says_how_to_get_vllm(smoke, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    ck = _fake_checkpoint(tmp_path / "checkpoint-6bpp")
+    out = tmp_path / "smoke.json"
+    assert smoke.main(["--checkpoint", str(ck), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "vllm is not importable" in err and "pip install vllm; needs a CUDA GPU" in err
+    assert not out.exists()
+
+
+def test_vllm_smoke_rejects_a_folder_that_is_not_a_checkpoint(smoke, tmp_path, capsys):
+    assert smoke.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert smoke.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "not a quantized checkpoint" in capsys.readouterr().err
+
+
+def test_prompt_logprob_rows(smoke):
+    lp = lambda v, r, s: SimpleNamespace(logprob=v, rank=r, decoded_token=s)  # noqa: E731
+    prompt_ids = [1, 7, 9]
+    # vLLM's layout: None for the first token; top-k plus the actual token (which may be outside it)
+    plp = [None, {5: lp(-0.1, 1, "a"), 7: lp(-2.5, 2, "b")}, {3: lp(-0.2, 1, "c"), 4: lp(-1.9, 2, "d"),
+                                                              9: lp(-6.0, 17, "e")}]
+    rows = smoke.prompt_logprob_rows(prompt_ids, plp, k=2)
+    assert [r["position"] for r in rows] == [1, 2]
+    assert (rows[0]["token_id"], rows[0]["logprob"], rows[0]["rank"]) == (7, -2.5, 2)
+    assert [t["token_id"] for t in rows[0]["top"]] == [5, 7]
+    assert (rows[1]["token_id"], rows[1]["logprob"], rows[1]["rank"]) == (9, -6.0, 17)
+    assert [(t["token_id"], t["logprob"], t["text"]) for t in rows[1]["top"]] == [(3, -0.2, "c"), (4, -1.9, "d")]
+
+
+# ---- gpu_check.py -------------------------------------------------------------------------------
+
+
+def test_gpu_check_arguments(gpu_check, monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    a = gpu_check.parse_args([])
+    assert a.out == str(tmp_path / "gpu_check.json")
+    assert (tuple(a.bits_shape), a.copy_mib, tuple(a.quant_shape)) == ((4096, 4096), 1024, (16384, 16384))
+    assert (a.seqlen, a.num_samples, a.eval_windows, a.batch_size, a.target_bits) == (512, 32, 16, 4, 6.0)
+    d = gpu_check.parse_args(["--cpu-dry-run", "--skip", "pytest", "--out", "x.json", "--seqlen", "24"])
+    assert d.cpu_dry_run and d.skip == ["pytest"] and d.out == "x.json" and d.seqlen == 24
+    assert (tuple(d.bits_shape), tuple(d.quant_shape), d.repeats) == ((16, 256), (16, 256), 2)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--skip", "everything"])
+
+
+def test_nvfp4_kernel_bytes(gpu_check):
+    # 16384^2 bf16 weights: read 2 B each; write 0.5 B codes + 1/16 B scales (+ 4 B fp32 values)
+    n = 16384 * 16384
+    assert gpu_check.nvfp4_kernel_bytes(n, 2, False) == 2 * n + n // 2 + n // 16 == 687_865_856
+    assert gpu_check.nvfp4_kernel_bytes(n, 2, True) == 687_865_856 + 4 * n
+
+
+def test_bit_comparison_is_bitwise(gpu_check):
+    a = torch.tensor([0.0, 1.5, float("nan"), -2.0])
+    b = torch.tensor([-0.0, 1.5, float("nan"), -2.0])
+    assert gpu_check._mismatches(a, b) == 1  # -0.0 != 0.0 in bits; NaN == NaN in bits
+    s = torch.tensor([0.5, 448.0]).to(torch.float8_e4m3fn)
+    assert gpu_check._mismatches(s, s.clone()) == 0
+    assert gpu_check._mismatches(s, torch.tensor([0.5, 416.0]).to(torch.float8_e4m3fn)) == 1
+    assert gpu_check._mismatches(a, a[:2]) == -1  # shapes differ
+
+
+def test_bit_check_weights_are_the_intended_kinds(gpu_check):
+    w = gpu_check.bit_check_weights(16, 256, seed=0)
+    assert set(w) >= {"normal", "normal_bf16", "student_t_df2", "cauchy", "sparse_outliers", "zero_groups_tiny_rows"}
+    assert w["normal_bf16"].dtype == torch.bfloat16 and w["normal"].shape == (16, 256)
+    zg = w["zero_groups_tiny_rows"].view(16, -1, 16)
+    assert bool((zg[:, ::7] == 0).all())
+    # heavy tails: the Student-t(2) and Cauchy draws reach far beyond a normal's ~4.5 sigma
+    for k in ("student_t_df2", "cauchy", "sparse_outliers"):
+        x = w[k]
+        assert float(x.abs().max() / x.abs().median()) > 20, k
+    shared_w, gs = w["shared_global_scale"]
+    assert float(gs) == pytest.approx(448 * 6 / (4 * float(w["normal"].abs().amax())), rel=1e-6)
+
+
+def test_run_pytest_reports_failures(gpu_check, tmp_path):
+    f = tmp_path / "test_tiny.py"
+    f.write_text("def test_ok():\n    assert 1 + 1 == 2\n\ndef test_bad():\n    assert 1 + 1 == 3\n")
+    r = gpu_check.run_pytest(str(f), timeout=120, collect_only=False)
+    assert r["returncode"] == 1 and r["ok"] is False
+    assert "1 failed, 1 passed" in r["summary"]
+
+
+def test_gpu_check_sh_parses():
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")]).returncode == 0
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """The whole script on the CPU: interpreter kernel == torch reference, bandwidth path, every stage."""
+    out = tmp_path / "gpu_check.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("PQ_TRITON", "TRITON_INTERPRET", "OUT")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu-dry-run", "--skip", "pytest",
+         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["ok"] is True and d["failed_sections"] == [] and d["meta"]["cpu_dry_run"] is True
+    s = d["sections"]
+    assert set(s) == {"nvfp4_bits", "bandwidth", "pipeline"}
+
+    bits = s["nvfp4_bits"]
+    assert bits["interpreter"] is True and bits["shape"] == [16, 256] and bits["total_mismatches"] == 0
+    assert len(bits["cases"]) == 7
+    for case in bits["cases"].values():
+        assert case["kernel_used"] is True and case["ok"] is True
+        assert case["mismatches"] == {"weight_packed": 0, "weight_scale": 0, "weight_global_scale": 0, "fake_quant": 0}
+
+    bw = s["bandwidth"]
+    copy = bw["copy"]
+    assert copy["bytes_moved"] == 2 * 8 * 2**20 and copy["GB_per_s"] == pytest.approx(copy["bytes_moved"] / copy["seconds"] / 1e9)
+    fq = bw["nvfp4_fake_quant"]
+    assert fq["bytes_moved"] == 16 * 256 * (2 + 4) + 16 * 256 // 2 + 16 * 256 // 16
+    assert fq["share_of_copy"] == pytest.approx(fq["GB_per_s"] / copy["GB_per_s"])
+    assert bw["target_share"] == 0.6 and isinstance(bw["meets_target"], bool)
+
+    pipe = s["pipeline"]
+    assert pipe["ok"] is True and pipe["weights"] == "random" and pipe["accelerator"] == "cpu"
+    assert list(pipe["stage_seconds"]) == ["load", "to_device", "probe", "cost", "allocate", "refine", "export", "evaluate"]
+    assert all(t >= 0 for t in pipe["stage_seconds"].values())
+    assert pipe["plan"]["n_linears"] == 14 and pipe["plan"]["bpp_body"] <= 6.0
+    assert pipe["bpp_body_on_disk"] == pytest.approx(pipe["plan"]["bpp_body"])
+    assert sum(pipe["refine"]["methods"].values()) == 14
+    n, t = pipe["eval_windows_shape"]
+    assert pipe["eval"]["n_positions"] == n * (t - 1)
+    assert 0.0 <= pipe["eval"]["kl_all"] < 1.0 and 0.0 <= pipe["eval"]["top1_all"] <= 1.0
