@@ -17,10 +17,18 @@ Every step costs a few matrix-vector products per Linear: ``‖x_t‖²`` and ``
 ``diag_out = (g²)ᵀ·‖x‖²`` and ``diag_in = (x²)ᵀ·‖g‖²``. Per-step values are computed in fp32 and added
 to float64 totals. Contributions are staged per batch and committed with the batch's token count
 (:meth:`FisherAccumulator.commit`), so a batch whose gradients overflowed (fp16) is dropped whole.
+
+The output-space error costs one matmul per format per Linear and token (as much as the Linear's
+forward pass) plus the activation fake-quant. It can be estimated on a random subset of ``k`` of the
+``S`` positions of every sequence (:func:`token_subset`), the sum rescaled by ``S / k``: unbiased
+over the draw of the subsets, and ``k / S`` of the cost. The activation global scale stays that of
+the whole sequence (:func:`fake_quant_activation_per_sequence`), so a sampled token is quantized
+exactly as in the full computation.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +50,66 @@ ACTIVATION_SCALE_RULE = "per_sequence_amax"
 # --------------------------------------------------------------------------------------------------
 
 
+def as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[batch, seq, in]``: a 3-D input as is, any other shape as one sequence."""
+    return x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+
+
+def flat_positions(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``positions [batch, k]`` as indices into the ``batch * seq_len`` flattened tokens, ``[batch * k]``."""
+    offsets = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1) * seq_len
+    return (positions + offsets).reshape(-1)
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows ``positions[b]`` of every sequence ``b`` of ``x`` (see :func:`as_sequences`): ``[batch, k, in]``."""
+    seqs = as_sequences(x)
+    if positions.dim() != 2 or positions.shape[0] != seqs.shape[0]:
+        raise ValueError(f"positions must be [batch={seqs.shape[0]}, k], got {tuple(positions.shape)}")
+    rows = seqs.reshape(-1, seqs.shape[-1]).index_select(0, flat_positions(positions, seqs.shape[1]))
+    return rows.view(positions.shape[0], positions.shape[1], seqs.shape[-1])
+
+
+def fake_quant_activation_per_sequence(
+    x: torch.Tensor, fmt: QuantFormat, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``fmt``'s activation fake-quant of every sequence of ``x``, optionally at some positions only.
+
+    Args:
+        x: a Linear's input ``[batch, seq, in]``; any other shape is one sequence ``[..., in]``.
+        fmt: the format (identity when it does not quantize activations).
+        positions: ``[batch, k]`` positions (long) to return; ``None`` returns every position.
+
+    Every sequence gets the activation global scale of its own amax over *all* its positions
+    (:data:`ACTIVATION_SCALE_RULE`), so the rows returned for ``positions`` equal the same rows of the
+    full result exactly. A format whose ``calibrate_input_global_scale`` returns ``None`` has no
+    sequence-level parameter: its activation quantisation is taken to be per token (FP8 dynamic),
+    and all sequences go through one call.
+
+    Returns ``[batch, seq, in]``, or ``[batch, k, in]`` with ``positions``, in ``x``'s dtype (a 3-D
+    result even for a non-3-D ``x``, whose one sequence is ``x.reshape(1, -1, in)``).
+    """
+    seqs = as_sequences(x)
+    rows = None if positions is None else gather_positions(seqs, positions)
+    if not fmt.quantizes_activations:
+        return seqs if positions is None else rows
+    if not _has_sequence_scale(fmt):
+        return fmt.fake_quant_activation(seqs if positions is None else rows)
+    if positions is None:
+        return torch.stack([fmt.fake_quant_activation(seq) for seq in seqs.unbind(0)])
+    out = []
+    for seq, sel in zip(seqs.unbind(0), rows.unbind(0), strict=True):
+        lo, hi = torch.aminmax(seq.detach())
+        gs = fmt.calibrate_input_global_scale(torch.maximum(lo.abs(), hi.abs()).float())
+        out.append(fmt.fake_quant_activation(sel, gs))
+    return torch.stack(out)
+
+
+def _has_sequence_scale(fmt: QuantFormat) -> bool:
+    """Whether ``fmt``'s activation quantisation uses a calibrated (here: per-sequence) global scale."""
+    return fmt.calibrate_input_global_scale(1.0) is not None
+
+
 def quantized_output_error(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -49,6 +117,7 @@ def quantized_output_error(
     fmt: QuantFormat,
     *,
     y: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y − ŷ`` in fp32 for every token: ``y = W x``, ``ŷ = Q(W)·Q_a(x)``, flattened to ``[T, out]``.
 
@@ -60,23 +129,65 @@ def quantized_output_error(
         weight: ``W [out, in]`` (any dtype, used in fp32).
         qweight: ``fmt.fake_quant(W)``, fp32 (cache it: it does not change between steps).
         fmt: the format whose activation quantisation is emulated.
-        y: optional ``W x`` already in fp32 ``[..., out]`` (without bias); computed when ``None``.
+        y: optional ``W x`` already in fp32 (without bias), for the returned tokens: ``[..., out]``
+            for all of ``x``'s tokens, or ``[batch * k, out]`` with ``positions``; computed when ``None``.
+        positions: ``[batch, k]`` positions of every sequence to compute (see :func:`token_subset`);
+            the result is then ``[batch * k, out]``, rows in ``positions`` order.
     """
-    if fmt.quantizes_activations:
-        if x.dim() == 3:
-            xq = torch.stack([fmt.fake_quant_activation(seq) for seq in x.unbind(0)])
-        else:
-            xq = fmt.fake_quant_activation(x)
-    else:
-        xq = x
-    x2 = x.reshape(-1, x.shape[-1])
+    xq = fake_quant_activation_per_sequence(x, fmt, positions)
     xq2 = xq.reshape(-1, x.shape[-1]).float()
-    y_hat = xq2 @ qweight.float().t()
     if y is None:
-        y2 = x2.float() @ weight.float().t()
+        x2 = x if positions is None else gather_positions(x, positions)
+        y2 = x2.reshape(-1, x.shape[-1]).float() @ weight.float().t()
     else:
         y2 = y.reshape(-1, y.shape[-1]).float()
-    return y2 - y_hat
+    return torch.addmm(y2, xq2, qweight.float().t(), alpha=-1)
+
+
+def tokens_per_sequence(spec: int | float | None, seq_len: int) -> int:
+    """How many of a sequence's ``seq_len`` positions the output-space error uses.
+
+    ``spec``: ``None`` (all), a fraction in ``(0, 1]`` (``ceil(spec * seq_len)``), or a count ``>= 1``
+    (at most ``seq_len``).
+    """
+    check_error_tokens(spec)
+    if spec is None:
+        return seq_len
+    if isinstance(spec, float):
+        return max(1, min(seq_len, math.ceil(spec * seq_len)))
+    return min(int(spec), seq_len)
+
+
+def check_error_tokens(spec: int | float | None) -> None:
+    """Raise a ValueError unless ``spec`` is ``None``, a fraction in ``(0, 1]`` or an int ``>= 1``."""
+    if spec is None:
+        return
+    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
+        raise ValueError(
+            f"output_error_tokens must be None (every token), a fraction in (0, 1] or a number of "
+            f"positions per sequence >= 1, got {spec!r}"
+        )
+    if isinstance(spec, float) and not 0.0 < spec <= 1.0:
+        raise ValueError(
+            f"output_error_tokens as a fraction must lie in (0, 1], got {spec}; pass an int for a "
+            "number of positions per sequence or None for every token"
+        )
+    if isinstance(spec, int) and spec < 1:
+        raise ValueError(f"output_error_tokens as a number of positions must be >= 1, got {spec}")
+
+
+def token_subset(seq_len: int, k: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``k`` distinct positions of ``range(seq_len)`` drawn uniformly without replacement, sorted.
+
+    Deterministic for a ``seed`` (a CPU ``torch.Generator``), independent of the device. Each
+    position is drawn with probability ``k / seq_len``, so ``seq_len / k`` times the sum of a
+    quantity over the drawn positions is an unbiased estimate of its sum over all positions.
+    """
+    if not 1 <= k <= seq_len:
+        raise ValueError(f"need 1 <= k <= seq_len, got k={k}, seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    pos = torch.randperm(seq_len, generator=gen)[:k].sort().values
+    return pos.to(device) if device is not None else pos
 
 
 @dataclass
@@ -90,16 +201,21 @@ class _LinearSums:
     diag_in: torch.Tensor
     output_error: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @staticmethod
+    def numel(shape: Shape, formats: Sequence[str]) -> int:
+        return 1 + int(shape[0]) + int(shape[1]) + len(formats)
+
     @classmethod
-    def zeros(cls, shape: Shape, formats: Sequence[str], device: torch.device | str | None) -> _LinearSums:
-        z = {"dtype": torch.float64, "device": device}
+    def view(cls, flat: torch.Tensor, shape: Shape, formats: Sequence[str]) -> _LinearSums:
+        """Sums stored in ``flat`` (float64, :meth:`numel` long): trace, diag_out, diag_in, errors."""
+        out_f, in_f = int(shape[0]), int(shape[1])
         return cls(
-            shape=(int(shape[0]), int(shape[1])),
+            shape=(out_f, in_f),
             formats=tuple(formats),
-            h_trace=torch.zeros((), **z),
-            diag_out=torch.zeros(int(shape[0]), **z),
-            diag_in=torch.zeros(int(shape[1]), **z),
-            output_error={f: torch.zeros((), **z) for f in formats},
+            h_trace=flat[0],
+            diag_out=flat[1 : 1 + out_f],
+            diag_in=flat[1 + out_f : 1 + out_f + in_f],
+            output_error={f: flat[1 + out_f + in_f + i] for i, f in enumerate(formats)},
         )
 
     def tensors(self) -> list[torch.Tensor]:
@@ -108,13 +224,6 @@ class _LinearSums:
     def add_(self, other: _LinearSums) -> None:
         for a, b in zip(self.tensors(), other.tensors(), strict=True):
             a.add_(b.to(a.device))
-
-    def zero_(self) -> None:
-        for t in self.tensors():
-            t.zero_()
-
-    def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
 
 
 class FisherAccumulator:
@@ -152,11 +261,23 @@ class FisherAccumulator:
             shp = (int(shape[0]), int(shape[1]))
             self.shapes[name] = shp
             self.linear_formats[name] = tuple(f for f in self.formats if get_format(f).supports(shp))
-        self._sums = {n: _LinearSums.zeros(s, self.linear_formats[n], device) for n, s in self.shapes.items()}
-        self._pending: dict[str, _LinearSums] = {}
+        # every sum lives in one float64 buffer (and the staged batch in another of the same layout), so
+        # staging, the finiteness check and the commit are a few operations per batch, not per Linear
+        self._flat, self._sums = self._layout(device)
+        self._pending_flat, self._pending_sums = self._layout(device)
+        self._pending: set[str] = set()
         self.n_tokens: int = 0
         self.n_batches: int = 0
         self.n_dropped_batches: int = 0
+
+    def _layout(self, device: torch.device | str | None) -> tuple[torch.Tensor, dict[str, _LinearSums]]:
+        sizes = [_LinearSums.numel(s, self.linear_formats[n]) for n, s in self.shapes.items()]
+        flat = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+        views, offset = {}, 0
+        for (name, shape), size in zip(self.shapes.items(), sizes, strict=True):
+            views[name] = _LinearSums.view(flat[offset : offset + size], shape, self.linear_formats[name])
+            offset += size
+        return flat, views
 
     # ---- per step ------------------------------------------------------------------------
     def update(
@@ -167,15 +288,22 @@ class FisherAccumulator:
         y_err_by_format: Mapping[str, torch.Tensor] | None = None,
         *,
         grad_scale: float = 1.0,
+        error_rows: torch.Tensor | None = None,
+        error_scale: float = 1.0,
     ) -> None:
         """Stage one backward's contribution of Linear ``name``.
 
         Args:
             x: inputs ``[..., in]`` (flattened to ``[T, in]``).
             g: output gradients ``[..., out]`` matching ``x``'s tokens.
-            y_err_by_format: ``{format: y − ŷ [..., out]}`` for (a subset of) this Linear's formats.
+            y_err_by_format: ``{format: y − ŷ [..., out]}`` for (a subset of) this Linear's formats:
+                for every token, or for the tokens ``error_rows`` only.
             grad_scale: the factor that turns ``g`` into the gradient of the sum-reduced loss
                 (quadratic quantities are multiplied by its square).
+            error_rows: flat indices (into the ``T`` tokens) of the rows of ``y_err_by_format``;
+                ``None`` when they cover every token.
+            error_scale: factor on the output-space error sums (``S / k`` for ``k`` of ``S``
+                positions drawn per sequence, which keeps the estimate unbiased).
         """
         if name not in self._sums:
             raise KeyError(f"{name!r} is not a tracked Linear; tracked: {list(self._sums)[:6]}...")
@@ -191,20 +319,29 @@ class FisherAccumulator:
         x_norm = xsq.sum(1)  # [T]
         g_norm = g2.sum(1)  # [T]
         c2 = float(grad_scale) ** 2
-        pend = self._pending.get(name)
-        if pend is None:
-            pend = self._pending[name] = _LinearSums.zeros(
-                self.shapes[name], self.linear_formats[name], x.device
-            )
-        pend.h_trace.add_(torch.dot(g_norm, x_norm).double(), alpha=c2)
-        pend.diag_out.add_((g2.t() @ x_norm).double(), alpha=c2)
-        pend.diag_in.add_((xsq.t() @ g_norm).double(), alpha=c2)
-        for fmt, err in (y_err_by_format or {}).items():
+        pend = self._pending_sums[name]
+        self._pending.add(name)
+        dev = self._pending_flat.device
+        # fp32 values added to float64 sums (in-place type promotion: computed in float64)
+        pend.h_trace.add_(torch.dot(g_norm, x_norm).to(dev), alpha=c2)
+        pend.diag_out.add_((g2.t() @ x_norm).to(dev), alpha=c2)
+        pend.diag_in.add_((xsq.t() @ g_norm).to(dev), alpha=c2)
+        if not y_err_by_format:
+            return
+        g_err = g2 if error_rows is None else g2.index_select(0, error_rows.to(g2.device))
+        for fmt, err in y_err_by_format.items():
             fmt = get_format(fmt).name
             if fmt not in pend.output_error:
                 raise ValueError(f"{name}: format {fmt!r} is not in its menu {list(pend.output_error)}")
-            e2 = err.detach().reshape(-1, out_f).float().square()
-            pend.output_error[fmt].add_(torch.sum(g2 * e2).double(), alpha=0.5 * c2)
+            e = err.detach().reshape(-1, out_f).float()
+            if e.shape[0] != g_err.shape[0]:
+                raise ValueError(
+                    f"{name}: {e.shape[0]} output-error rows for format {fmt!r} but {g_err.shape[0]} "
+                    "tokens (pass error_rows when the error covers a subset of the tokens)"
+                )
+            pend.output_error[fmt].add_(
+                torch.dot(g_err.reshape(-1), e.square().reshape(-1)).to(dev), alpha=0.5 * c2 * error_scale
+            )
 
     def commit(self, n_tokens: int) -> bool:
         """Add the staged batch to the totals with its ``n_tokens`` loss tokens.
@@ -215,19 +352,24 @@ class FisherAccumulator:
         n_tokens = int(n_tokens)
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        pending, self._pending = self._pending, {}
-        if not all(p.all_finite() for p in pending.values()):
-            self.n_dropped_batches += 1
-            return False
-        for name, p in pending.items():
-            self._sums[name].add_(p)
+        staged, self._pending = self._pending, set()
+        if staged:
+            finite = bool(torch.isfinite(self._pending_flat).all())
+            if finite:
+                self._flat.add_(self._pending_flat)
+            self._pending_flat.zero_()
+            if not finite:
+                self.n_dropped_batches += 1
+                return False
         self.n_tokens += n_tokens
         self.n_batches += 1
         return True
 
     def discard_pending(self) -> None:
         """Forget a staged, uncommitted batch."""
-        self._pending = {}
+        if self._pending:
+            self._pending_flat.zero_()
+        self._pending = set()
 
     @property
     def has_pending(self) -> bool:
@@ -327,7 +469,7 @@ class FisherAccumulator:
         self.n_tokens = int(state["n_tokens"])
         self.n_batches = int(state.get("n_batches", 0))
         self.n_dropped_batches = int(state.get("n_dropped_batches", 0))
-        self._pending = {}
+        self.discard_pending()
 
     # ---- result --------------------------------------------------------------------------
     def finalize(self, meta: Mapping | None = None) -> Sensitivity:

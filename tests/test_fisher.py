@@ -8,7 +8,15 @@ import socket
 import pytest
 import torch
 
-from pq_lightning.fisher import FisherAccumulator, quantized_output_error
+from pq_lightning.fisher import (
+    FisherAccumulator,
+    check_error_tokens,
+    fake_quant_activation_per_sequence,
+    flat_positions,
+    quantized_output_error,
+    token_subset,
+    tokens_per_sequence,
+)
 from pq_lightning.formats import get_format
 from pq_lightning.sensitivity import LinearSensitivity, Sensitivity, load_sensitivity, save_sensitivity
 
@@ -244,3 +252,91 @@ def test_sensitivity_file_from_another_model_is_refused(tmp_path):
         load_sensitivity(path, model_fingerprint="ffff0000")
     with pytest.raises(FileNotFoundError, match="run the Fisher probe"):
         load_sensitivity(tmp_path / "missing.safetensors")
+
+
+# ---- subsampled output-space error ---------------------------------------------------------------
+
+
+def test_activation_fake_quant_at_positions_equals_rows_of_full():
+    torch.manual_seed(7)
+    # sequences with very different amax: NVFP4's per-sequence global scale matters
+    x = torch.randn(3, 20, 32) * torch.tensor([0.1, 1.0, 30.0]).view(3, 1, 1)
+    positions = torch.stack([token_subset(20, 6, seed) for seed in range(3)])
+    for name in ("nvfp4", "fp8", "nvfp4a16"):
+        fmt = get_format(name)
+        full = fake_quant_activation_per_sequence(x, fmt)
+        ref = torch.stack([fmt.fake_quant_activation(seq) for seq in x])  # one call per sequence
+        assert torch.equal(full, ref), name
+        rows = fake_quant_activation_per_sequence(x, fmt, positions)
+        assert torch.equal(rows, torch.stack([full[b, positions[b]] for b in range(3)])), name
+
+
+def test_token_subset_is_seeded_uniform_and_without_replacement():
+    a = token_subset(50, 12, seed=123)
+    assert torch.equal(a, token_subset(50, 12, seed=123))
+    assert not torch.equal(a, token_subset(50, 12, seed=124))
+    assert a.shape == (12,) and len(set(a.tolist())) == 12 and torch.equal(a, a.sort().values)
+    assert 0 <= int(a.min()) and int(a.max()) < 50
+    assert torch.equal(token_subset(7, 7, seed=5), torch.arange(7))
+    # every position is drawn with probability k / S
+    n = 4000
+    counts = torch.zeros(50)
+    for seed in range(n):
+        counts[token_subset(50, 12, seed)] += 1
+    p = 12 / 50
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert float((counts - n * p).abs().max()) < 5 * sigma
+
+
+def test_tokens_per_sequence_and_bad_specs():
+    assert tokens_per_sequence(None, 256) == 256
+    assert tokens_per_sequence(0.25, 256) == 64
+    assert tokens_per_sequence(0.25, 10) == 3  # ceil
+    assert tokens_per_sequence(1e-6, 10) == 1
+    assert tokens_per_sequence(1.0, 10) == 10
+    assert tokens_per_sequence(64, 256) == 64 and tokens_per_sequence(64, 10) == 10
+    for bad in (0, -3, 0.0, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="output_error_tokens"):
+            check_error_tokens(bad)
+
+
+def _subsampled_error(x, g, w, fmt, positions, scale):
+    acc = FisherAccumulator({"lin": tuple(w.shape)}, formats=[fmt.name])
+    err = quantized_output_error(x, w, fmt.fake_quant(w), fmt, positions=positions)
+    rows = flat_positions(positions, x.shape[1])
+    acc.update("lin", x, g, {fmt.name: err}, error_rows=rows, error_scale=scale)
+    acc.commit(x.shape[0] * x.shape[1])
+    return acc.finalize()["lin"].output_error[fmt.name]
+
+
+def test_subsampled_output_error_matches_loop_and_is_unbiased():
+    torch.manual_seed(8)
+    out_f, in_f, n_seq, seq_len, k = 8, 32, 2, 16, 4
+    w = torch.randn(out_f, in_f)
+    x = torch.randn(n_seq, seq_len, in_f) * torch.linspace(0.1, 3.0, in_f)
+    g = torch.randn(n_seq, seq_len, out_f)
+    for name in ("nvfp4", "fp8"):
+        fmt = get_format(name)
+        qw = fmt.fake_quant(w).double()
+        per_token = torch.zeros(n_seq, seq_len, dtype=torch.float64)  # ½ Σ_o g² (y − ŷ)² per token
+        for b in range(n_seq):
+            xq = fmt.fake_quant_activation(x[b])
+            for t in range(seq_len):
+                err = w.double() @ x[b, t].double() - qw @ xq[t].double()
+                per_token[b, t] = 0.5 * (g[b, t].double() ** 2 * err**2).sum()
+        full = float(per_token.sum()) / (n_seq * seq_len)
+        # k == S: the full computation
+        everything = torch.arange(seq_len).repeat(n_seq, 1)
+        assert abs(_subsampled_error(x, g, w, fmt, everything, 1.0) - full) / full < 1e-5
+        estimates = []
+        for seed in range(300):
+            pos = torch.stack([token_subset(seq_len, k, 1000 * seed + b) for b in range(n_seq)])
+            est = _subsampled_error(x, g, w, fmt, pos, seq_len / k)
+            loop = float(sum(per_token[b, pos[b]].sum() for b in range(n_seq))) * (seq_len / k)
+            assert abs(est - loop / (n_seq * seq_len)) / full < 1e-5, name
+            estimates.append(est)
+        est = torch.tensor(estimates, dtype=torch.float64)
+        # unbiased: the mean over draws is the full value within a few standard errors
+        stderr = float(est.std()) / len(estimates) ** 0.5
+        assert abs(float(est.mean()) - full) < 4 * stderr, name
+        assert float(est.std()) > 0

@@ -60,8 +60,11 @@ def _trainer(callbacks=(), **kw) -> L.Trainer:
     return L.Trainer(callbacks=list(callbacks), **args)
 
 
-def _reference(hf_model, batches, formats=FORMATS):
-    """Per-token sums by explicit outer products in float64, from autograd on the sum-reduced loss."""
+def _reference(hf_model, batches, formats=FORMATS, draws=None):
+    """Per-token sums by explicit outer products in float64, from autograd on the sum-reduced loss.
+
+    ``draws``: per batch ``(positions [batch, k], scale)``: the output-space error then sums only the
+    drawn positions, times ``scale``."""
     model = copy.deepcopy(hf_model).float()
     linears = find_body_linears(model)
     sums = {
@@ -74,7 +77,7 @@ def _reference(hf_model, batches, formats=FORMATS):
         for n, m in linears.items()
     }
     n_tokens = 0
-    for ids in batches:
+    for i_batch, ids in enumerate(batches):
         captured = {}
 
         def hook(name, captured=captured):
@@ -113,9 +116,13 @@ def _reference(hf_model, batches, formats=FORMATS):
                     s["h"] += per_token.sum()
                     s["out"] += per_token.sum(1)
                     s["in"] += per_token.sum(0)
+                    weight = 1.0
+                    if draws is not None:
+                        positions, scale = draws[i_batch]
+                        weight = scale if t in positions[b].tolist() else 0.0
                     for f, (qw, xq) in quant.items():
                         err = w.double() @ xt - qw @ xq[b][t].double()
-                        s["err"][f] += 0.5 * float((gt.pow(2) * err.pow(2)).sum())
+                        s["err"][f] += weight * 0.5 * float((gt.pow(2) * err.pow(2)).sum())
     return sums, n_tokens
 
 
@@ -142,7 +149,9 @@ def _assert_close(sens, other, tol):
 def test_probe_matches_per_token_reference(make_tiny_llama, tmp_path):
     hf = _model(make_tiny_llama)
     data = _windows(4)
-    probe = FisherProbe(output_path=str(tmp_path / "sens.safetensors"), formats=list(FORMATS))
+    probe = FisherProbe(
+        output_path=str(tmp_path / "sens.safetensors"), formats=list(FORMATS), output_error_tokens=None
+    )
     module = CausalLM.from_model(copy.deepcopy(hf), probe_only=True)
     _trainer([probe]).fit(module, DataLoader(data, batch_size=2))
 
@@ -173,7 +182,9 @@ def test_gradient_accumulation_equals_bigger_batch(make_tiny_llama, tmp_path):
     data = _windows(4, seed=1)
     results = []
     for batch_size, accumulate in ((2, 1), (1, 2)):
-        probe = FisherProbe(output_path=str(tmp_path / f"s{batch_size}.safetensors"))
+        probe = FisherProbe(
+            output_path=str(tmp_path / f"s{batch_size}.safetensors"), output_error_tokens=None
+        )
         module = CausalLM.from_model(copy.deepcopy(hf), probe_only=True)
         _trainer([probe], accumulate_grad_batches=accumulate).fit(
             module, DataLoader(data, batch_size=batch_size)
@@ -309,3 +320,80 @@ def test_sensitivity_of_another_model_is_refused(make_tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="measured on another model"):
         load_sensitivity(tmp_path / "s.safetensors", model_fingerprint=model_fingerprint(other))
     assert all(lin.output_error == {} for lin in probe.sensitivity.linears.values())
+
+
+# ---- subsampled output-space error ---------------------------------------------------------------
+
+
+def test_subsampled_probe_matches_reference_on_its_drawn_positions(make_tiny_llama, tmp_path):
+    from pq_lightning.fisher import token_subset
+
+    hf = _model(make_tiny_llama)
+    data = _windows(4, seed=5)
+    probe = FisherProbe(
+        output_path=str(tmp_path / "s.safetensors"), output_error_tokens=0.25, output_error_seed=3
+    )
+    _trainer([probe]).fit(
+        CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=2)
+    )
+    batches = [torch.stack([d["input_ids"] for d in data[i : i + 2]]) for i in (0, 2)]
+    k = 3  # ceil(0.25 * 12)
+    draws = [
+        (torch.stack([token_subset(SEQ, k, s) for s in probe._sequence_seeds({"input_ids": ids})]), SEQ / k)
+        for ids in batches
+    ]
+    ref, n_tokens = _reference(hf, batches, draws=draws)
+    sens = probe.sensitivity
+    assert sens.meta["estimator"]["output_error_tokens"] == 0.25
+    for name, r in ref.items():
+        lin = sens[name]
+        assert _rel(lin.h_trace, r["h"] / n_tokens) < 1e-5, name  # trace and diagonals: every token
+        assert _rel(lin.diag_in, r["in"] / n_tokens) < 1e-5, name
+        for f in FORMATS:
+            assert r["err"][f] > 0
+            assert _rel(lin.output_error[f], r["err"][f] / n_tokens) < 1e-5, (name, f)
+
+
+def _fit(hf, tmp_path, tag, batch_size=2, accumulate=1, **kw):
+    probe = FisherProbe(output_path=str(tmp_path / f"{tag}.safetensors"), **kw)
+    _trainer([probe], accumulate_grad_batches=accumulate).fit(
+        CausalLM.from_model(copy.deepcopy(hf), probe_only=True),
+        DataLoader(_windows(4, seed=6), batch_size=batch_size),
+    )
+    return probe.sensitivity
+
+
+def test_subsampled_probe_is_deterministic_and_independent_of_batching(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    a = _fit(hf, tmp_path, "a", output_error_tokens=4)
+    _assert_close(_fit(hf, tmp_path, "b", output_error_tokens=4), a, 1e-15)  # same seed: same numbers
+    # the draw depends on the sequence, not on the batch layout
+    _assert_close(_fit(hf, tmp_path, "c", batch_size=1, accumulate=2, output_error_tokens=4), a, 1e-5)
+    other = _fit(hf, tmp_path, "d", output_error_tokens=4, output_error_seed=1)
+    assert any(_rel(other[n].output_error["nvfp4"], a[n].output_error["nvfp4"]) > 1e-3 for n in a.linears)
+
+
+def test_all_positions_and_compact_weights_give_the_exact_numbers(make_tiny_llama, tmp_path):
+    hf = _model(make_tiny_llama)
+    exact = _fit(hf, tmp_path, "exact", output_error_tokens=None, quantized_weights="float32")
+    _assert_close(
+        _fit(hf, tmp_path, "one", output_error_tokens=1.0, quantized_weights="float32"), exact, 1e-15
+    )
+    _assert_close(_fit(hf, tmp_path, "seq", output_error_tokens=SEQ), exact, 1e-15)
+    with pytest.raises(ValueError, match="output_error_tokens"):
+        FisherProbe(output_error_tokens=0.0)
+    with pytest.raises(ValueError, match="quantized_weights"):
+        FisherProbe(quantized_weights="bf16")
+
+
+def test_compact_quantized_weights_decode_exactly():
+    from pq_lightning.callbacks.fisher_probe import _QuantizedWeight
+
+    torch.manual_seed(9)
+    w = torch.randn(48, 64) * torch.logspace(-3, 0, 64)
+    for name in ("nvfp4", "fp8", "nvfp4a16", "fp8_w8a16", "bf16"):
+        fmt = get_format(name)
+        cached = _QuantizedWeight.build(fmt, w)
+        assert torch.equal(cached.decode(), fmt.fake_quant(w)), name
+        if name != "bf16":
+            assert cached.nbytes() <= w.numel() * 1.1, name  # about a byte per weight or less

@@ -164,3 +164,18 @@ def test_shapes_helper_matches_model(make_tiny_llama):
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             assert tuple(mod.weight.shape) == _shape(name)
+
+
+def test_output_estimator_measures_the_output_error(tmp_path, tiny_model_dir):
+    from pq_lightning.sensitivity import load_sensitivity
+
+    out = tmp_path / "out"
+    quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=6.0, estimator="output",
+             **{**_settings(tmp_path), "evaluation": EvalConfig(enabled=False), "refine": RefineConfig(gptq=False)})
+    plan = Plan.load(out / "plan-6bpp.json")
+    assert plan.estimator == "output"
+    (sens_path,) = (out / "work").glob("sensitivity-*.safetensors")
+    sens = load_sensitivity(sens_path)
+    for name, lp in plan.linears.items():
+        if lp.format != "bf16":
+            assert lp.predicted_dloss == sens.linears[name].output_error[lp.format]
