@@ -134,6 +134,27 @@ def build_tiny_gemma4(
     return Gemma4ForConditionalGeneration(config).float().eval()
 
 
+@pytest.fixture
+def quiet_single_thread():
+    """One torch intra-op thread and Lightning's expected warnings silenced, for one test.
+
+    The tiny models run many small ops: on a 2-core machine a second thread per process only
+    oversubscribes the cores (10-30x slower when another process is busy).
+    """
+    import warnings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=".*(does not have many workers|eval mode|LeafSpec|val_dataloader|litlogger|sync_dist"
+            "|builtin corpus).*",
+        )
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
     return build_tiny_tokenizer()

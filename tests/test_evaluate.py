@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,7 @@ METRIC_KEYS = ("kl_all", "kl_conf", "kl_top20_conf", "top1_conf", "top1_all", "n
 TOPK_KEYS = ("kl_top20_conf", "top1_conf", "top1_all", "n_positions", "n_confident")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=".*(does not have many workers|eval mode|LeafSpec|litlogger|sync_dist|builtin corpus).*",
-        )
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 def _reference(make_tiny_llama):

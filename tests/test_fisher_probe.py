@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import lightning as L
 import pytest
@@ -21,18 +20,7 @@ FORMATS = ("nvfp4", "fp8")
 SEQ = 12
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    # one intra-op thread: these models are tiny, and on a busy 2-core machine several threads per
-    # process oversubscribe the cores and make each step 10-30x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*(does not have many workers|eval mode|LeafSpec|val_dataloader|litlogger).*"
-        )
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 def _model(make_tiny_llama):

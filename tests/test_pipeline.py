@@ -21,12 +21,7 @@ TEXT = (
 ) * 60
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 @pytest.fixture
