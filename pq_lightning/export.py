@@ -549,11 +549,13 @@ def _copy_side_files(out: Path, model: nn.Module, tokenizer, source_dir: str | N
             pass
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a checkpoint or a report depends on (manifest and report.json)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "compressed-tensors", "safetensors", "pq-lightning"):
+    for pkg in ("pq-lightning", "torch", "lightning", "transformers", "compressed-tensors", "safetensors",
+                "torchmetrics"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -649,7 +651,7 @@ def export_checkpoint(
             "bpp_body": bpp,
             "body_bytes": sum(linear_bytes[n] for n in body),
             "n_shards": n_shards,
-            "versions": _versions(),
+            "versions": package_versions(),
             "fused_groups": [list(g) for g in fused_groups],
             **({"manifest": dict(manifest)} if manifest else {}),
         }

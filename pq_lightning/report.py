@@ -15,21 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .export import package_versions
 
 FORMAT_COLORS = {"nvfp4": "#d62728", "nvfp4a16": "#ff9896", "fp8": "#1f77b4", "fp8_w8a16": "#aec7e8", "bf16": "#2ca02c"}
 _LAYER_RX = re.compile(r"\.(\d+)\.(.+)$")
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("pq-lightning", "torch", "lightning", "transformers", "compressed-tensors", "torchmetrics"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _layer_proj(name: str) -> tuple[int, str] | None:
@@ -160,7 +149,7 @@ def write_report(
             for p in sweep_plans
         ],
         "settings": dict(settings),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
 
