@@ -24,6 +24,9 @@ forward pass) plus the activation fake-quant. It can be estimated on a random su
 over the draw of the subsets, and ``k / S`` of the cost. The activation global scale stays that of
 the whole sequence (:func:`fake_quant_activation_per_sequence`), so a sampled token is quantized
 exactly as in the full computation.
+
+On CUDA the output-space error sum is one fused Triton pass (:func:`output_error_sum`,
+:mod:`pq_lightning.kernels.probe_triton`; off with ``PQ_TRITON=0``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import QuantFormat, get_format
+from .kernels import triton_kernels_enabled
 from .sensitivity import LinearSensitivity, Sensitivity
 
 Shape = tuple[int, int]
@@ -190,6 +194,27 @@ def token_subset(seq_len: int, k: int, seed: int, device: torch.device | str | N
     return pos.to(device) if device is not None else pos
 
 
+def output_error_sum(g2: torch.Tensor, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_r Σ_o g2[rows[r], o] · e[r, o]²``: the probe's output-space error sum (without the ½).
+
+    Args:
+        g2: squared output gradients ``g²`` ``[T, out]``, fp32.
+        e: output errors ``y − ŷ`` ``[R, out]``, fp32, on ``g2``'s device.
+        rows: long ``[R]``, the token (row of ``g2``) of each error row; ``None`` when ``R == T``.
+
+    On CUDA (see :mod:`pq_lightning.kernels`) one Triton pass that materialises neither ``e²`` nor
+    the gathered rows of ``g2`` (a float64 scalar: fp32 partial sums added in float64); elsewhere
+    ``torch.dot`` of the gathered ``g2`` and ``e²`` (an fp32 scalar). The terms are the same fp32
+    products; only the order of the sum differs.
+    """
+    if triton_kernels_enabled(e):
+        from .kernels.probe_triton import weighted_square_sum_triton
+
+        return weighted_square_sum_triton(g2, e, rows)
+    g_err = g2 if rows is None else g2.index_select(0, rows.to(g2.device))
+    return torch.dot(g_err.reshape(-1), e.square().reshape(-1))
+
+
 @dataclass
 class _LinearSums:
     """float64 running sums of one Linear (divide by the token count to get means)."""
@@ -328,19 +353,24 @@ class FisherAccumulator:
         pend.diag_in.add_((xsq.t() @ g_norm).to(dev), alpha=c2)
         if not y_err_by_format:
             return
-        g_err = g2 if error_rows is None else g2.index_select(0, error_rows.to(g2.device))
+        if triton_kernels_enabled(g2):  # the kernel gathers the rows itself
+            g_err, rows = g2, None if error_rows is None else error_rows.to(g2.device)
+            n_err = g2.shape[0] if rows is None else rows.numel()
+        else:
+            g_err, rows = (g2 if error_rows is None else g2.index_select(0, error_rows.to(g2.device))), None
+            n_err = g_err.shape[0]
         for fmt, err in y_err_by_format.items():
             fmt = get_format(fmt).name
             if fmt not in pend.output_error:
                 raise ValueError(f"{name}: format {fmt!r} is not in its menu {list(pend.output_error)}")
             e = err.detach().reshape(-1, out_f).float()
-            if e.shape[0] != g_err.shape[0]:
+            if e.shape[0] != n_err:
                 raise ValueError(
-                    f"{name}: {e.shape[0]} output-error rows for format {fmt!r} but {g_err.shape[0]} "
+                    f"{name}: {e.shape[0]} output-error rows for format {fmt!r} but {n_err} "
                     "tokens (pass error_rows when the error covers a subset of the tokens)"
                 )
             pend.output_error[fmt].add_(
-                torch.dot(g_err.reshape(-1), e.square().reshape(-1)).to(dev), alpha=0.5 * c2 * error_scale
+                output_error_sum(g_err, e, rows).to(dev), alpha=0.5 * c2 * error_scale
             )
 
     def commit(self, n_tokens: int) -> bool:

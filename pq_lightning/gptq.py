@@ -49,7 +49,8 @@ Gate (:func:`refine_nvfp4`, :func:`refine_fp8`)
     returned bit for bit.
 
 Numerics: weights and the column loop in fp32, the inverse Hessian in fp64, output errors in
-fp64. Device-agnostic (everything runs on ``W``'s device). NaN or Inf in ``W`` or ``H`` raises
+fp64. Device-agnostic (everything runs on ``W``'s device); on CUDA the lazy block update is a
+Triton kernel (:mod:`pq_lightning.kernels.gptq_triton`, off with ``PQ_TRITON=0``). NaN or Inf in ``W`` or ``H`` raises
 :class:`~pq_lightning.formats.NonFiniteTensorError`. Hessians are not checked per batch in
 :func:`accumulate_hessian` (that would synchronise the device); a non-finite input shows up as a
 non-finite ``H`` and is reported when ``H`` is used.
@@ -65,8 +66,9 @@ import torch
 
 from .formats.base import check_finite
 from .formats.e2m1 import e2m1_codes, e2m1_decode
-from .formats.fp8 import absmax_scale, fp8_round
+from .formats.fp8 import fp8_round, weight_scale_from_amax
 from .formats.nvfp4 import GROUP_SIZE, NVFP4Weight, fp8_group_scales
+from .kernels import triton_kernels_enabled
 
 __all__ = [
     "CandidateError",
@@ -174,6 +176,7 @@ def _gptq_loop(WT: torch.Tensor, U: torch.Tensor, block_size: int, round_column:
     """
     n = WT.shape[0]
     W_hat = torch.empty_like(WT)
+    use_triton = triton_kernels_enabled(WT)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = WT[i1:i2].clone()
@@ -188,8 +191,21 @@ def _gptq_loop(WT: torch.Tensor, U: torch.Tensor, block_size: int, round_column:
             if i + 1 < i2 - i1:
                 W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
         if i2 < n:
-            WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+            _block_update_(WT[i2:], U[i1:i2, i2:], E1, use_triton)
     return W_hat
+
+
+def _block_update_(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, use_triton: bool) -> None:
+    """The lazy block update ``C -= Aᵀ B`` in place (fp32): ``C = WT[i2:]``, ``A = U[i1:i2, i2:]``,
+    ``B`` the block's scaled errors. The Triton kernel on CUDA (see :mod:`pq_lightning.kernels`),
+    else torch's ``addmm_``; the two differ only in the order of the fp32 sum over the block.
+    """
+    if use_triton:
+        from .kernels.gptq_triton import sub_at_b_triton_
+
+        sub_at_b_triton_(C, A, B)
+    else:
+        C.addmm_(A.T, B, alpha=-1.0)
 
 
 def _group_order(H: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -361,7 +377,7 @@ def gptq_fp8(
 ) -> dict[str, torch.Tensor]:
     """GPTQ-rounded FP8 E4M3 per-channel weight, as the on-disk tensors of ``FP8.pack``.
 
-    The per-row scale ``amax(W[o]) / 448`` is fixed from the original weight (RTN's); error
+    The per-row scale ``bf16(amax(W[o]) / 448)`` (``FP8.weight_scale``) is fixed from the original weight (RTN's); error
     feedback acts on the FP8 rounding (values pushed past ±448 by feedback are clamped).
     ``act_order`` permutes single columns by descending ``H_ii`` (the scale is per row, so any
     column order is servable). Returns ``{"weight": float8_e4m3fn [out, in], "weight_scale":
@@ -369,7 +385,7 @@ def gptq_fp8(
     """
     Wf, H = _check_inputs(W, H, "gptq_fp8")
     _check_block_size(block_size, 1)
-    s = absmax_scale(Wf.abs().amax(dim=1, keepdim=True))  # [out, 1]
+    s = weight_scale_from_amax(Wf.abs().amax(dim=1, keepdim=True))  # [out, 1], BF16-exact
     s_col = s.squeeze(1)
     if act_order:
         perm = torch.sort(-torch.diagonal(H).double(), stable=True).indices.to(Wf.device)

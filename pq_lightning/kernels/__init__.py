@@ -22,8 +22,8 @@ def triton_available() -> bool:
     return True
 
 
-def nvfp4_kernels_enabled(t: torch.Tensor) -> bool:
-    """Whether the NVFP4 Triton kernels should handle tensor ``t``."""
+def triton_kernels_enabled(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels (NVFP4, probe error sum, GPTQ block update) should handle ``t``."""
     flag = os.environ.get("PQ_TRITON")
     if flag == "0" or not triton_available():
         return False
