@@ -54,8 +54,13 @@ Memory
 Distributed
     With an initialised ``torch.distributed`` (or an explicit ``process_group``) every rank walks its
     own windows; amax is all-reduced with MAX and Hessians and token counts with SUM before each
-    decision, so every rank decides identically. Every rank must call this with the same plan and
-    model; a rank without windows is an error (raised on every rank).
+    decision. Each Linear is then decided by one rank only, its owner: owners are assigned greedily
+    to the least-loaded rank, largest Linear first, with the cost ``out·in² + in³`` of GPTQ (the
+    column loop and the inverse-Hessian factor), a rule every rank evaluates identically from the
+    shapes. The owner broadcasts the packed tensors and the decision record; every rank decodes the
+    served weight from the packed tensors (``fmt.unpack``, the exact weight the decision chose), so
+    all ranks hold identical results and the next group's inputs agree. Every rank must call this
+    with the same plan and model; a rank without windows is an error (raised on every rank).
 
 Known limits
     A Linear called more than once in one layer forward disables the early stop (correct, slower).
@@ -221,6 +226,56 @@ def _dist_active(process_group: Any) -> bool:
             raise ValueError("process_group was given but torch.distributed is not initialised")
         return False
     return True
+
+
+class _Owners:
+    """Greedy load balancing of per-Linear decisions over the ranks (identical on every rank)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.load = [0.0] * world_size
+
+    def assign(self, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+        """Owner rank of each Linear: largest GPTQ cost first, to the least-loaded rank (ties: lowest)."""
+        owners: dict[str, int] = {}
+        for name in sorted(shapes, key=lambda n: (-_gptq_cost(shapes[n]), n)):
+            rank = min(range(len(self.load)), key=lambda r: (self.load[r], r))
+            owners[name] = rank
+            self.load[rank] += _gptq_cost(shapes[name])
+        return owners
+
+
+def _gptq_cost(shape: tuple[int, int]) -> float:
+    out_f, in_f = shape
+    return float(out_f) * in_f * in_f + float(in_f) ** 3
+
+
+def _broadcast_decision(
+    packed: Mapping[str, torch.Tensor] | None, decision: LinearDecision | None, owner: int, process_group: Any
+) -> tuple[dict[str, torch.Tensor], LinearDecision]:
+    """The owner's packed tensors (CPU) and decision record, on every rank of the group.
+
+    The record and the tensors' names, dtypes and shapes go as one pickled object; each tensor's bytes
+    then go as a raw uint8 broadcast (pickling float8 tensors is not portable across torch's
+    serialisers, raw bytes are exact for every dtype).
+    """
+    import torch.distributed as dist
+
+    src = owner if process_group is None else dist.get_global_rank(process_group, owner)
+    meta = None if packed is None else (decision, [(k, v.dtype, tuple(v.shape)) for k, v in packed.items()])
+    box = [meta]
+    dist.broadcast_object_list(box, src=src, group=process_group)
+    decision, layout = box[0]
+    device = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    out: dict[str, torch.Tensor] = {}
+    for key, dtype, shape in layout:
+        if packed is not None:
+            buf = packed[key].contiguous().reshape(-1).view(torch.uint8).to(device)
+        else:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            buf = torch.empty(n, dtype=torch.uint8, device=device)
+        dist.broadcast(buf, src=src, group=process_group)
+        out[key] = buf.cpu().view(dtype).reshape(shape)
+    return out, decision
 
 
 def _all_reduce(tensors: Sequence[torch.Tensor], op: str, process_group: Any) -> list[torch.Tensor]:
@@ -479,6 +534,10 @@ def refine_model(
                 "held-out sets (e.g. 3:1), or pass gptq=False"
             )
         hidden = [w[0].args[0] for w in windows]
+        if distributed:
+            import torch.distributed as dist
+
+            rank, owners_of = dist.get_rank(process_group), _Owners(dist.get_world_size(process_group))
 
         layer_iter: Iterable[int] = range(len(layers))
         if progress is not None:
@@ -512,12 +571,29 @@ def refine_model(
                     w_amax = torch.stack([step.linears[m].weight.detach().abs().amax().float() for m in group])
                     gs = global_scale_from_amax(w_amax.amax())
                 amax = float(stats.amax)
+                owner = (
+                    owners_of.assign({m: tuple(step.linears[m].weight.shape) for m in group})
+                    if distributed else dict.fromkeys(group, 0)
+                )
+                decided = {}
+                for m in group:  # this rank's own Linears first, then the results are exchanged
+                    if not distributed or owner[m] == rank:
+                        packed, w_hat, decision = _decide(
+                            m, fmt, step.linears[m].weight, H_fit, H_held, gs,
+                            config=config, gptq=gptq, fp8_gptq=fp8_gptq,
+                        )
+                        decided[m] = ({k: v.detach().cpu() for k, v in packed.items()}, w_hat, decision)
                 for m in group:
                     lin = step.linears[m]
-                    packed, w_hat, decision = _decide(
-                        m, fmt, lin.weight, H_fit, H_held, gs, config=config, gptq=gptq, fp8_gptq=fp8_gptq
-                    )
-                    out.packed[m] = {k: v.detach().cpu() for k, v in packed.items()}
+                    if distributed:
+                        mine = decided.get(m)
+                        packed, decision = _broadcast_decision(
+                            *((None, None) if mine is None else (mine[0], mine[2])), owner[m], process_group
+                        )
+                        w_hat = fmt.unpack(packed)  # the same bits on every rank, owner included
+                    else:
+                        packed, w_hat, decision = decided[m]
+                    out.packed[m] = packed
                     out.input_amax[m] = amax
                     out.decisions[m] = decision
                     # served state, seen by the later groups of this layer and by the output pass

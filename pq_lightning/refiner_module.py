@@ -9,8 +9,9 @@ Run it with ``trainer.predict(refiner, dataloaders=...)`` (or ``trainer.validate
 
 The steps only collect the calibration batches (no gradients); at the end of the epoch every rank
 runs :func:`~pq_lightning.refine.refine_model` on its own windows, Hessians, token counts and amax are
-reduced across ranks (the default process group that the strategy initialised), and every rank
-holds the same :class:`~pq_lightning.refine.RefineOutput` in :attr:`GPTQRefiner.output`.
+reduced across ranks (the default process group that the strategy initialised), each Linear is
+decided by one owner rank (balanced by GPTQ cost) and broadcast, and every rank holds the same
+:class:`~pq_lightning.refine.RefineOutput` in :attr:`GPTQRefiner.output`.
 
 Fit / held-out split: with two dataloaders, the first is fit and the second held-out. With one,
 every ``heldout_every``-th batch (``batch_idx % heldout_every == heldout_every - 1``) is held out.

@@ -314,7 +314,9 @@ def _gloo_worker(rank: int, world: int, port: int, out_path: str) -> None:
         model = _llama()
         fit, held = _windows()
         out = refine_model(model, _plan(model), fit[rank::world], held[rank::world], config=CONFIG, keep_hessians=True)
-        torch.save({"packed": out.packed, "amax": out.input_amax, "hessians": out.hessians}, f"{out_path}.{rank}")
+        torch.save({"packed": out.packed, "amax": out.input_amax, "hessians": out.hessians,
+                    "decisions": {n: (d.method, d.heldout_chosen) for n, d in out.decisions.items()}},
+                   f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -339,6 +341,23 @@ def test_two_gloo_processes_equal_one(refined, tmp_path):
         for name, packed in out.packed.items():
             for k, v in packed.items():
                 assert torch.equal(got["packed"][name][k].view(torch.uint8), v.view(torch.uint8)), (name, k)
+            # decided by one rank (its owner), broadcast to the other: the same record everywhere
+            method, heldout_chosen = got["decisions"][name]
+            assert method == out.decisions[name].method, name
+            assert heldout_chosen == pytest.approx(out.decisions[name].heldout_chosen, rel=1e-5), name
+
+
+def test_decisions_are_balanced_over_ranks_by_gptq_cost():
+    from pq_lightning.refine import _Owners
+
+    owners = _Owners(2)
+    # q (64x64), k and v (16x64): costs 64·64² + 64³ = 524288 and 16·64² + 64³ = 327680
+    got = owners.assign({"q": (64, 64), "k": (16, 64), "v": (16, 64)})
+    assert got == {"q": 0, "k": 1, "v": 1}
+    assert owners.load == [524288.0, 655360.0]
+    # the next group starts from those loads: the lighter rank 0 takes the first (largest) Linear
+    assert owners.assign({"o": (64, 64)}) == {"o": 0}
+    assert owners.load == [1048576.0, 655360.0]
 
 
 def test_fp8_gptq_is_gated_and_bf16_models_work():
