@@ -128,9 +128,9 @@ class NVFP4(QuantFormat):
         global_scale: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        from ..kernels import nvfp4_kernels_enabled
+        from ..kernels import triton_kernels_enabled
 
-        if nvfp4_kernels_enabled(w) and scale is None:
+        if triton_kernels_enabled(w) and scale is None:
             from ..kernels.nvfp4_triton import nvfp4_quantize_triton
 
             self._check_weight(w)
@@ -155,9 +155,9 @@ class NVFP4(QuantFormat):
         global_scale: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from ..kernels import compiled_cpu_enabled, nvfp4_kernels_enabled
+        from ..kernels import compiled_cpu_enabled, triton_kernels_enabled
 
-        if scale is None and (nvfp4_kernels_enabled(w) or compiled_cpu_enabled(w)):
+        if scale is None and (triton_kernels_enabled(w) or compiled_cpu_enabled(w)):
             self._check_weight(w)
             gs = self.global_scale(w) if global_scale is None else global_scale.float().reshape(1)
             if compiled_cpu_enabled(w):
