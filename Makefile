@@ -12,8 +12,9 @@ setup:
 demo: setup
 	.venv/bin/pq-lightning quantize --config $(CONFIG) --output_dir $(OUT)
 
-## Install, then run the test suite.
-test: setup
+## Install (with the peers extra: the llm-compressor interoperability test), then run the test suite.
+test:
+	EXTRAS=dev,peers bash scripts/setup.sh
 	$(PY) -m pytest -q
 
 lint: setup

@@ -10,7 +10,7 @@ resident memory and the summed held-out output error of the chosen weights again
 When ``llmcompressor`` is importable (an optional peer, not a dependency), its ``GPTQModifier``
 NVFP4 oneshot runs on the same fit windows in the same run; the script prints the wall-time ratio
 (target: ours <= 0.5x) and llm-compressor's held-out output error on the same Hessians (target:
-ours equal or lower). That comparison has not been run here: llmcompressor is not installed.
+ours equal or lower). Install the peer with ``pip install -e .[peers]``.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
         print("llmcompressor is not installed: peer comparison skipped (pip install llmcompressor)")
         return
     import copy
+    import tempfile
 
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -92,10 +93,15 @@ def main() -> None:
 
     peer = copy.deepcopy(model)
     ds = Dataset.from_dict({"input_ids": [w.tolist() for w in data.windows]})
-    t0 = time.perf_counter()
-    oneshot(model=peer, dataset=ds, recipe=GPTQModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
-            num_calibration_samples=len(data.windows), max_seq_length=a.seqlen)
-    peer_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as cfg_dir:
+        # oneshot re-reads the model's config from name_or_path (a GGUF source has no config.json)
+        peer.config.save_pretrained(cfg_dir)
+        peer.config.name_or_path = cfg_dir
+        t0 = time.perf_counter()
+        oneshot(model=peer, dataset=ds, processor=tok,
+                recipe=GPTQModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
+                num_calibration_samples=len(data.windows), max_seq_length=a.seqlen)
+        peer_s = time.perf_counter() - t0
     peer_modules = dict(peer.named_modules())
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
