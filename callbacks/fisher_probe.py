@@ -8,6 +8,15 @@ into the per-token statistics of :mod:`pq_lightning.fisher` and lets ``x`` go. P
 is never read, so the probe works when weights have no gradient and under DDP (whose ``.grad`` is
 averaged over ranks: the module hooks see this rank's own gradients before any averaging).
 
+FSDP. Under Lightning's ``ModelParallelStrategy`` with FSDP2 (``fully_shard``, as
+:meth:`~pq_lightning.causal_lm.CausalLM.configure_model` applies it; ``tensor_parallel_size=1``) the
+hooks run while FSDP holds the Linear's weight unsharded (the forward pass and the layer's backward
+pass), so they read the full weight, exactly as on one device. Between steps the weight is a
+sharded ``DTensor``, so ``Q(W)`` is not cached for a sharded Linear: it is rebuilt from the unsharded
+weight at every use (``fake_quant`` costs a small fraction of the error's matmul), and no full copy
+of a weight outlives its backward pass. ``FSDPStrategy`` (FSDP1) and tensor-parallel Linears are
+refused.
+
 Gradient of the sum-reduced loss. The LightningModule's loss is the *mean* over
 ``pl_module.last_token_count`` tokens; in automatic optimisation Lightning divides it by
 ``trainer.accumulate_grad_batches``; under fp16 mixed precision the grad scaler multiplies it by its
@@ -143,6 +152,10 @@ class FisherProbe(Callback):
         self._loaded_state: dict | None = None
         self._model_fingerprint: str | None = None
         self._qweights: dict[tuple[str, str], tuple[_QuantizedWeight, int, int]] = {}
+        # Linears whose weight is sharded between steps (FSDP2): Q(W) is rebuilt at every use
+        self._sharded: set[str] = set()
+        # the model's fingerprint taken in setup, before a sharding strategy shards the weights
+        self._setup_fingerprint: str | None = None
         # per batch: the inputs seen by the tracked Linears (shared by Linears with the same input),
         # the per-sequence seeds of the position draw and the drawn positions per input shape
         self._inputs: dict[tuple, _Input] = {}
@@ -188,23 +201,47 @@ class FisherProbe(Callback):
 
         model = getattr(pl_module, "model", pl_module)
         self._linears = find_body_linears(model, self.include, self.exclude)
+        self._setup_fingerprint = None
+        if _is_sharding(trainer.strategy):
+            from pq_lightning.models import model_fingerprint
+
+            # Lightning calls setup before configure_model: the weights are still whole here
+            self._setup_fingerprint = model_fingerprint(model)
         self._remove_hooks()
         for name, module in self._linears.items():
             self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
 
     @staticmethod
     def _check_strategy(trainer: pl.Trainer) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import (
+            DDPStrategy,
+            FSDPStrategy,
+            ModelParallelStrategy,
+            SingleDeviceStrategy,
+        )
 
         strategy = trainer.strategy
         if isinstance(strategy, FSDPStrategy):
             raise ValueError(
-                "FisherProbe does not support FSDP yet (sharded Linears need the per-token hooks on "
-                "unsharded weights; support is planned). Run the probe with strategy='ddp' or on one device."
+                "FisherProbe does not support FSDPStrategy (FSDP1, flat parameters). For a sharded probe "
+                "use FSDP2: strategy=ModelParallelStrategy(data_parallel_size=<processes>, "
+                "tensor_parallel_size=1) with a module whose configure_model applies fully_shard "
+                "(pq_lightning.causal_lm.CausalLM does); or strategy='ddp', or one device."
             )
+        if isinstance(strategy, ModelParallelStrategy):
+            tp = strategy.device_mesh["tensor_parallel"].size()
+            if tp != 1:
+                raise ValueError(
+                    f"FisherProbe under ModelParallelStrategy supports FSDP2 data parallelism only, but the "
+                    f"tensor_parallel size is {tp} (ranks of a tensor-parallel group see the same tokens); "
+                    f"use ModelParallelStrategy(data_parallel_size={strategy.device_mesh.size()}, "
+                    "tensor_parallel_size=1)."
+                )
+            return
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
-                f"FisherProbe supports single-device and DDP strategies (ddp, ddp_spawn), got "
+                f"FisherProbe supports single-device, DDP (ddp, ddp_spawn) and FSDP2 "
+                f"(ModelParallelStrategy with tensor_parallel_size=1) strategies, got "
                 f"{type(strategy).__name__}; run the probe with strategy='ddp' or on one device."
             )
 
@@ -216,22 +253,29 @@ class FisherProbe(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._qweights = {}
+        self._sharded = set()
         self._end_batch()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._linears:
             return
         device = next(iter(self._linears.values())).weight.device
-        shapes = {n: tuple(m.weight.shape) for n, m in self._linears.items()}
+        shapes = {n: tuple(m.weight.shape) for n, m in self._linears.items()}  # a DTensor's: the global shape
+        self._sharded = {n for n, m in self._linears.items() if _is_dtensor(m.weight)}
+        self._qweights = {}
         self.accumulator = FisherAccumulator(shapes, self.formats if self.output_error else (), device=device)
         if self._loaded_state is not None:
-            self.accumulator.load_state_dict(self._loaded_state["sums"])
+            # totals over the ranks of the saving run: one rank carries them on (zeros elsewhere)
+            if _rank() == 0 or not self._loaded_state.get("summed_over_ranks", False):
+                self.accumulator.load_state_dict(self._loaded_state["sums"])
             self._model_fingerprint = self._loaded_state.get("model_fingerprint")
             self._loaded_state = None
         if self._model_fingerprint is None:
             from pq_lightning.models import model_fingerprint
 
-            self._model_fingerprint = model_fingerprint(getattr(pl_module, "model", pl_module))
+            self._model_fingerprint = self._setup_fingerprint or model_fingerprint(
+                getattr(pl_module, "model", pl_module)
+            )
 
     # ---- per batch -----------------------------------------------------------------------
     def on_train_batch_start(
@@ -362,6 +406,7 @@ class FisherProbe(Callback):
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
                 return
+            _check_whole_weight(name, module, "forward")
             entry = self._input_entry(args[0])
             y = y_version = None
             if self.output_error and self.accumulator.linear_formats[name] and output.dtype == torch.float32:
@@ -418,6 +463,7 @@ class FisherProbe(Callback):
             rows, scale = None, 1.0
             formats = self.accumulator.linear_formats[name] if self.output_error else ()
             if formats:
+                _check_whole_weight(name, module, "backward")
                 if y is not None and (y_version is None or y._version == y_version):
                     y_lin = y.reshape(-1, y.shape[-1])
                     if module.bias is not None:
@@ -435,8 +481,13 @@ class FisherProbe(Callback):
             )
 
     def _qweight(self, name: str, module: torch.nn.Linear, fmt) -> torch.Tensor:
-        """``fmt.fake_quant(W)`` (fp32), from the cache; rebuilt only when the weight changed (fine-tuning)."""
+        """``fmt.fake_quant(W)`` (fp32), from the cache; rebuilt only when the weight changed (fine-tuning).
+
+        A Linear sharded between steps (FSDP2) is not cached: ``Q(W)`` is computed from the unsharded
+        weight FSDP holds during this backward pass and dropped after use."""
         w = module.weight
+        if name in self._sharded:
+            return fmt.fake_quant(w.detach()).float()
         key = (name, fmt.name)
         cached = self._qweights.get(key)
         if cached is None or cached[1] != w._version or cached[2] != w.data_ptr():
@@ -477,18 +528,61 @@ class FisherProbe(Callback):
 
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The committed sums, totalled over all ranks (a collective: Lightning builds checkpoints on
+        every rank and rank zero writes its copy). On resume rank zero loads the totals and the other
+        ranks start from zero, so the final reduction counts every token once, whatever the world
+        size of the resumed run."""
         if self.accumulator is None:
             return dict(self._loaded_state) if self._loaded_state is not None else {}
-        return {"sums": self.accumulator.state_dict(), "model_fingerprint": self._model_fingerprint}
+        sums = FisherAccumulator.sum_state_over_ranks(self.accumulator.state_dict())
+        return {"sums": sums, "model_fingerprint": self._model_fingerprint, "summed_over_ranks": True}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         if self.accumulator is not None:
-            self.accumulator.load_state_dict(state_dict["sums"])
+            if _rank() == 0 or not state_dict.get("summed_over_ranks", False):
+                self.accumulator.load_state_dict(state_dict["sums"])
             self._model_fingerprint = state_dict.get("model_fingerprint")
         else:
             self._loaded_state = dict(state_dict)
+
+
+def _rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch build without torch.distributed
+    _DTensor = None
+
+
+def _is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a sharded or replicated parameter)."""
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _is_sharding(strategy: Any) -> bool:
+    """Whether ``strategy`` may shard the weights after ``setup`` (``ModelParallelStrategy``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def _check_whole_weight(name: str, module: torch.nn.Linear, when: str) -> None:
+    """Refuse a Linear whose weight is a ``DTensor`` while it computes (tensor parallelism, or an FSDP
+    unit that is not unsharded at that moment): the hooks need the whole weight."""
+    if _is_dtensor(module.weight):
+        raise RuntimeError(
+            f"FisherProbe: the weight of {name} is a DTensor {module.weight.placements} during its {when} "
+            "pass; the probe needs the whole weight there. Use FSDP2 only (fully_shard, "
+            "tensor_parallel_size=1), with the Linear inside a module that FSDP unshards for its forward "
+            "and backward passes, or exclude it (exclude=[...])."
+        )
 
 
 def _hash_seed(key: bytes, data: bytes) -> int:

@@ -134,6 +134,43 @@ class CausalLM(lightning.LightningModule):
         if isinstance(self.trainer.strategy, DDPStrategy):
             self._ddp_anchor = torch.nn.Parameter(torch.zeros((), device=self.device))
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2, one ``fully_shard`` unit per decoder layer and one
+        for the rest of the model (embeddings, final norm, ``lm_head``, any vision tower), sharded over
+        the ``data_parallel`` mesh dimension, parameters kept in their dtype (no mixed-precision
+        policy). Every other strategy leaves the model as it is.
+
+        Only data parallelism is applied: configure ``ModelParallelStrategy(data_parallel_size=N,
+        tensor_parallel_size=1)`` with ``N`` the number of processes. Runs once; a second call (a
+        later ``validate`` on the same module) finds the model already sharded.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        from pq_lightning.models import language_model_layers
+
+        if isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh
+        tp = mesh["tensor_parallel"].size()
+        if tp != 1:
+            raise ValueError(
+                f"CausalLM applies FSDP only (no tensor parallelism), but the strategy's tensor_parallel "
+                f"size is {tp}: use ModelParallelStrategy(data_parallel_size={mesh.size()}, "
+                "tensor_parallel_size=1)."
+            )
+        data_parallel = mesh["data_parallel"]
+        _, layers = language_model_layers(self.model)
+        for layer in layers:
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].pop("_ddp_anchor", None)  # not part of the model
 

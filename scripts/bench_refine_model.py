@@ -47,6 +47,11 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dampening", type=float, nargs="+", default=None,
+                   help="GPTQ dampings tried (default: GPTQConfig's)")
+    p.add_argument("--no-sweep-then-gptq", action="store_true", help="skip GPTQ under the swept scales")
+    p.add_argument("--no-peer", action="store_true", help="skip llm-compressor even when installed")
+    p.add_argument("--decisions", default=None, help="write every Linear's candidate errors to this JSON")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -64,7 +69,12 @@ def main() -> None:
     plan = {n: "nvfp4" for n in find_body_linears(model)}
     rss0 = _peak_rss_gib()
     t0 = time.perf_counter()
-    out = refine_model(model, plan, fit, held, gptq=True, model_type=model.config.model_type, keep_hessians=True)
+    from pq_lightning.gptq import GPTQConfig
+
+    cfg = GPTQConfig(**({"dampening": tuple(a.dampening)} if a.dampening else {}),
+                     sweep_then_gptq=not a.no_sweep_then_gptq)
+    out = refine_model(model, plan, fit, held, config=cfg, gptq=True, model_type=model.config.model_type,
+                       keep_hessians=True)
     ours_s = time.perf_counter() - t0
     nv = get_format("nvfp4")
     chosen = {n: nv.unpack(t) for n, t in out.packed.items()}
@@ -77,7 +87,15 @@ def main() -> None:
     methods: dict[str, int] = {}
     for d in out.decisions.values():
         methods[d.method] = methods.get(d.method, 0) + 1
-    print(f"decisions: {methods}")
+    print(f"decisions: {methods}  (GPTQ dampings {cfg.dampening}, sweep then GPTQ {cfg.sweep_then_gptq})")
+    if a.decisions:
+        import dataclasses
+        import json
+
+        with open(a.decisions, "w") as f:
+            json.dump({n: dataclasses.asdict(d) for n, d in out.decisions.items()}, f, indent=1)
+    if a.no_peer:
+        return
 
     try:
         import llmcompressor  # noqa: F401
@@ -95,6 +113,10 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": [w.tolist() for w in data.windows]})
     with tempfile.TemporaryDirectory() as cfg_dir:
         # oneshot re-reads the model's config from name_or_path (a GGUF source has no config.json)
+        # and refuses a model that says it is GGUF-quantized: the weights are plain floats by now
+        if getattr(peer.config, "quantization_config", None) is not None:
+            del peer.config.quantization_config
+        peer.hf_quantizer = None
         peer.config.save_pretrained(cfg_dir)
         peer.config.name_or_path = cfg_dir
         t0 = time.perf_counter()

@@ -256,6 +256,36 @@ def test_ddp_two_processes_equal_one(make_tiny_llama, tmp_path):
     _assert_close(ddp, single.sensitivity, 1e-6)
 
 
+@pytest.mark.distributed
+def test_ddp_resume_counts_every_token_once(make_tiny_llama, tmp_path):
+    """A 2-rank run checkpointed after epoch 1 and resumed for epoch 2 equals one process over both
+    epochs: the checkpoint holds the totals over ranks, and only rank zero carries them on."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    hf = _model(make_tiny_llama)
+    data = _windows(8, seed=6)
+    whole = FisherProbe(output_path=str(tmp_path / "whole.safetensors"))
+    _trainer([whole], max_epochs=2).fit(
+        CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=2)
+    )
+
+    ckpt_dir = tmp_path / "ckpt"
+    resumed_path = tmp_path / "resumed.safetensors"  # the state key: the same probe on resume
+    first = FisherProbe(output_path=str(resumed_path))
+    keep = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_on_train_epoch_end=True)
+    _trainer([first, keep], devices=2, strategy="ddp_spawn", enable_checkpointing=True).fit(
+        CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=1)
+    )
+    resumed = FisherProbe(output_path=str(resumed_path))
+    _trainer([resumed], devices=2, strategy="ddp_spawn", max_epochs=2).fit(
+        CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=1),
+        ckpt_path=str(ckpt_dir / "last.ckpt"),
+    )
+    got = load_sensitivity(resumed_path, model_fingerprint=model_fingerprint(hf))
+    assert got.n_tokens == whole.sensitivity.n_tokens == 2 * 8 * (SEQ - 1)
+    _assert_close(got, whole.sensitivity, 1e-6)
+
+
 def test_include_regex_matching_nothing_is_a_clear_error(make_tiny_llama, tmp_path):
     probe = FisherProbe(output_path=str(tmp_path / "s.safetensors"), include=[r"mlp\.nonexistent_proj"])
     module = CausalLM.from_model(_model(make_tiny_llama), probe_only=True)
