@@ -201,3 +201,99 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     n, t = pipe["eval_windows_shape"]
     assert pipe["eval"]["n_positions"] == n * (t - 1)
     assert 0.0 <= pipe["eval"]["kl_all"] < 1.0 and 0.0 <= pipe["eval"]["top1_all"] <= 1.0
+
+
+# ---- bench_vs_peers.py / peers_llmcompressor.py ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peers_bench():
+    # registered in sys.modules: its dataclasses resolve their annotations through it
+    name = "_script_bench_vs_peers"
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "bench_vs_peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def peer_runner():
+    return _load("peers_llmcompressor")
+
+
+def test_peer_runner_imports_without_pq_lightning_or_llmcompressor(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llmcompressor", None)
+    monkeypatch.setitem(sys.modules, "pq_lightning", None)
+    mod = _load("peers_llmcompressor")
+    assert mod.RECIPES == ("nvfp4_gptq", "nvfp4_fp8_down", "fp8_dynamic")
+
+
+def test_peer_runner_arguments_and_windows(peer_runner, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(SystemExit):  # a calibrated recipe without tokens
+        peer_runner.parse_args(["--model", "m", "--recipe", "nvfp4_gptq", "--output", "o"])
+    a = peer_runner.parse_args(["--model", "m", "--recipe", "fp8_dynamic", "--output", "o"])
+    assert (a.tokens, a.dtype, a.threads) == (None, "auto", None)
+    ids = torch.arange(12, dtype=torch.int64).view(3, 4)
+    save_file({"input_ids": ids}, str(tmp_path / "t.safetensors"))
+    save_file({"input_ids": ids.int()}, str(tmp_path / "bad.safetensors"))
+    save_file({"ids": ids}, str(tmp_path / "other.safetensors"))
+    got = peer_runner.load_windows(str(tmp_path / "t.safetensors"))
+    assert torch.equal(got, ids)
+    with pytest.raises(ValueError, match="int64"):
+        peer_runner.load_windows(str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KeyError, match="input_ids"):
+        peer_runner.load_windows(str(tmp_path / "other.safetensors"))
+    batches = list(peer_runner.calibration_loader(ids))
+    assert len(batches) == 3
+    for i, b in enumerate(batches):  # one window per batch, file order, full attention mask
+        assert torch.equal(b["input_ids"], ids[i : i + 1]) and torch.equal(b["attention_mask"], torch.ones(1, 4).long())
+
+
+def test_bench_vs_peers_arguments(peers_bench):
+    a = peers_bench.parse_args([])
+    assert a.recipes == ["nvfp4_gptq", "nvfp4_fp8_down", "fp8_dynamic"]
+    assert a.ours_bits == [4.5, "mixed", 6.0, 7.0]
+    assert (a.dtype, a.peers_dtype, a.peer_windows, a.max_eval_windows) == ("float32", "auto", "all", None)
+    assert a.calibration.endswith("wikitext-2-valid-tokenized.txt") and a.eval_path.endswith("wikitext-2-raw-test.txt")
+    a = peers_bench.parse_args(["--recipes", "none", "--ours-bits", "4.5, mixed"])
+    assert a.recipes == [] and a.ours_bits == [4.5, "mixed"]
+    for bad in (["--recipes", "awq"], ["--ours-bits", "4.5,six"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            peers_bench.parse_args(bad)
+
+
+def test_bench_vs_peers_find_peers_python_reports_a_missing_interpreter(peers_bench, tmp_path):
+    python, reason = peers_bench.find_peers_python(str(tmp_path / "no-python"))
+    assert python is None and "did not run" in reason
+
+
+def test_bench_vs_peers_target_checks_and_speed(peers_bench):
+    Row = peers_bench.Row
+
+    def row(name, recipe, bpp, kl, wall=None, tool="llm-compressor"):
+        return Row(name=name, tool=tool, bpp_body=bpp, eval={"kl_conf": kl}, wall_s=wall, detail={"recipe": recipe})
+
+    peers = [row("gptq", "nvfp4_gptq", 4.500127, 0.40, wall=100.0), row("mixed", "nvfp4_fp8_down", 5.3777, 0.25),
+             row("fp8", "fp8_dynamic", 8.0234, 0.02), Row(name="mo", tool="modelopt", status="not run: x")]
+    ours = {"4.5bpp": row("o45", None, 4.500127, 0.30, tool="pq-lightning"),
+            "5.3777bpp": row("omix", None, 5.3770, 0.16, tool="pq-lightning"),
+            "6bpp": row("o6", None, 5.99, 0.05, tool="pq-lightning")}
+    c45, cmix, c6 = peers_bench.target_checks(peers, ours, 5.3777)
+    assert c45["verdict"] == "PASS" and c45["peer"] == "gptq" and c45["ratio"] == pytest.approx(0.75)
+    assert cmix["verdict"] == "FAIL" and cmix["ratio"] == pytest.approx(0.64)  # limit 0.6
+    assert c6["verdict"] == "NOT CHECKED" and "ModelOpt" in c6["reason"]
+    ours["4.5bpp"].bpp_body = 4.6  # over the peer's size: a failure whatever the KL
+    assert peers_bench.target_checks(peers, ours, 5.3777)[0]["verdict"] == "FAIL"
+    s = peers_bench.speed_check(peers, 80.0, None, 4)
+    assert s["verdict"] == "PASS" and s["ratio"] == pytest.approx(0.8) and "4 budgets" in s["ours_measured"]
+    s = peers_bench.speed_check(peers, 180.0, 120.0, 4)  # the separate single-budget run decides
+    assert s["verdict"] == "FAIL" and s["ratio"] == pytest.approx(1.2)
+    assert peers_bench.speed_check(peers[1:], 80.0, None, 4)["verdict"] == "NOT CHECKED"
+    lines = peers_bench.table_lines(peers + list(ours.values()))
+    assert len(lines) == 2 + 7 and "not run: x" in lines[5] and lines[6].endswith("|")

