@@ -180,7 +180,7 @@ def quantize(
     target_bits: float | list[float] | None = None,
     target_size_gb: float | list[float] | None = None,
     formats: list[str] | None = None,
-    estimator: str = "trace",
+    estimator: str = "output",
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     pins: dict[str, str] | None = None,
@@ -206,7 +206,11 @@ def quantize(
         target_size_gb: instead of ``target_bits``: total checkpoint size in GB (10**9 bytes),
             everything on disk counted; a number or a list.
         formats: the format menu besides BF16 (default ``[nvfp4, fp8]``).
-        estimator: Δloss estimator: ``trace`` (0.5·H_trace·MSE_W), ``diag`` or ``output``.
+        estimator: Δloss estimator: ``output`` (default: the probe's output-space error with the
+            quantized weight and input; it ranked measured KL best on SmolLM2 / WikiText-2, Spearman
+            0.99 against 0.95 for ``diag`` and 0.90 for ``trace`` over 24 plans, see
+            ``scripts/quality_sweep.py``), ``diag`` (per-channel Fisher diagonals) or ``trace``
+            (0.5·H_trace·MSE_W, the cheapest probe: no output error).
         include: regexes of Linears to treat as body (default: the decoder layers' Linears).
         exclude: regexes of body Linears to leave out (they stay BF16).
         pins: regex -> format every matching Linear must take.
