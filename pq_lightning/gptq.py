@@ -167,31 +167,36 @@ RoundColumn = Callable[[int, torch.Tensor, int], torch.Tensor]
 
 
 def _gptq_loop(WT: torch.Tensor, U: torch.Tensor, block_size: int, round_column: RoundColumn) -> torch.Tensor:
-    """GPTQ with lazy block updates on the *transposed* weight; returns ``Ŵᵀ`` ``[in, out]``.
+    """GPTQ with lazy block updates on a batch of *transposed* weights; returns ``Ŵᵀ`` ``[B, in, out]``.
 
-    ``WT`` is ``Wᵀ`` (contiguous ``[in, out]``, modified in place), so each column of ``W`` is a
-    contiguous row and every update is a contiguous rank-1 (``addr_``) or matrix (``addmm_``)
-    update. ``round_column(j, block, i)`` rounds column ``j`` of ``W`` (row ``i`` of the current,
-    error-updated ``block`` of ``WT``) and returns its dequantised values ``[out]``.
+    ``WT`` is ``[B, in, out]``: ``B`` candidates solved together (``Wᵀ`` each, modified in place),
+    each with its own inverse-Hessian factor ``U[b]`` (``[B, in, in]``), e.g. several dampings or
+    group scales of one Linear. On a CPU the loop is bound by per-column overhead, so ``B``
+    candidates cost little more than one. Each column of ``W`` is a contiguous row of ``WT[b]``;
+    the rank-1 update is ``addcmul_`` (bit-identical to ``addr_`` of one candidate) and the block
+    update one ``addmm_`` per candidate, so every candidate's result is bit-identical to solving it
+    alone. ``round_column(j, block, i)`` rounds column ``j`` of every candidate (row ``i`` of the
+    current, error-updated ``block`` ``[B, rows, out]``) and returns the dequantised values ``[B, out]``.
     """
-    n = WT.shape[0]
+    B, n, _ = WT.shape
     W_hat = torch.empty_like(WT)
     use_triton = triton_kernels_enabled(WT)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = WT[i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
+        W1 = WT[:, i1:i2].clone()
+        U1 = U[:, i1:i2, i1:i2]
         E1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             q = round_column(i1 + i, W1, i)
-            W_hat[i1 + i] = q
-            err = E1[i]
-            torch.sub(W1[i], q, out=err)
-            err.div_(U1[i, i])
+            W_hat[:, i1 + i] = q
+            err = E1[:, i]
+            torch.sub(W1[:, i], q, out=err)
+            err.div_(U1[:, i, i].unsqueeze(1))
             if i + 1 < i2 - i1:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+                W1[:, i + 1 :].addcmul_(U1[:, i, i + 1 :].unsqueeze(2), err.unsqueeze(1), value=-1.0)
         if i2 < n:
-            _block_update_(WT[i2:], U[i1:i2, i2:], E1, use_triton)
+            for b in range(B):
+                _block_update_(WT[b, i2:], U[b, i1:i2, i2:], E1[b], use_triton)
     return W_hat
 
 
@@ -241,61 +246,117 @@ def gptq_nvfp4(
     the current weights of each group when the loop enters it, or from ``scale``
     (float8_e4m3fn ``[out, in/16]``) when given. ``block_size`` must be a multiple of 16.
     With ``return_w_hat`` also returns the fp32 weight used for the error feedback (which equals
-    ``result.dequantize()`` exactly).
+    ``result.dequantize()`` exactly). :func:`gptq_nvfp4_candidates` solves several
+    (damping, scale) pairs in one loop, each bit-identical to this function.
+    """
+    (res,) = gptq_nvfp4_candidates(
+        W, H, global_scale=global_scale, candidates=[(damp, scale)], block_size=block_size, act_order=act_order
+    )
+    if isinstance(res, ValueError):
+        raise res
+    return res if return_w_hat else res[0]
+
+
+@torch.no_grad()
+def gptq_nvfp4_candidates(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    global_scale: torch.Tensor,
+    candidates: Sequence[tuple[float, torch.Tensor | None]],
+    block_size: int = 128,
+    act_order: bool = False,
+    max_batch: int = 8,
+) -> list[tuple[NVFP4Weight, torch.Tensor] | ValueError]:
+    """:func:`gptq_nvfp4` for every ``(damp, scale)`` of ``candidates``, solved ``max_batch`` at a
+    time in one column loop (memory: that many fp32 copies of ``W``).
+
+    Returns, per candidate and in order, ``(weight, w_hat)`` or the ``ValueError`` raised for it
+    (a damping whose Hessian cannot be inverted); bad arguments raise at once.
     """
     Wf, H = _check_inputs(W, H, "gptq_nvfp4")
     out, n = Wf.shape
     if n % GROUP_SIZE:
         raise ValueError(f"NVFP4 needs in_features divisible by {GROUP_SIZE}, got {n}")
     _check_block_size(block_size, GROUP_SIZE)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     gs = global_scale.detach().float().reshape(1).to(Wf.device)
     check_finite(gs, "gptq_nvfp4: global scale")
     n_groups = n // GROUP_SIZE
-    if scale is not None:
-        if scale.dtype != torch.float8_e4m3fn or scale.shape != (out, n_groups):
-            raise ValueError(
-                f"scale must be float8_e4m3fn [{out}, {n_groups}], got {scale.dtype} {tuple(scale.shape)}"
-            )
-        scale = scale.to(Wf.device)
+    scales_in = []
+    for _, scale in candidates:
+        if scale is not None:
+            if scale.dtype != torch.float8_e4m3fn or scale.shape != (out, n_groups):
+                raise ValueError(
+                    f"scale must be float8_e4m3fn [{out}, {n_groups}], got {scale.dtype} {tuple(scale.shape)}"
+                )
+            scale = scale.to(Wf.device)
+        scales_in.append(scale)
 
+    gperm = cperm = None
     if act_order:
         gperm = _group_order(H, n_groups).to(Wf.device)
         cperm = (gperm.unsqueeze(1) * GROUP_SIZE + torch.arange(GROUP_SIZE, device=Wf.device)).reshape(-1)
         Wf = Wf[:, cperm]
         H = H[cperm][:, cperm]
-        if scale is not None:
-            scale = scale[:, gperm]
+        scales_in = [None if s is None else s[:, gperm] for s in scales_in]
 
-    U, _ = inverse_hessian_factor(H, damp)
-    codes_t = torch.empty(n, out, dtype=torch.uint8, device=Wf.device)
-    scales_t = (
-        scale.T.contiguous()
-        if scale is not None
-        else torch.empty(n_groups, out, dtype=torch.float8_e4m3fn, device=Wf.device)
-    )
-    eff = torch.empty(out, dtype=torch.float32, device=Wf.device)
+    factors: dict[float, torch.Tensor | ValueError] = {}
+    for d, _ in candidates:
+        if d not in factors:
+            try:
+                factors[d] = inverse_hessian_factor(H, d)[0]
+            except ValueError as e:
+                factors[d] = e
+    results: list[tuple[NVFP4Weight, torch.Tensor] | ValueError | None] = [None] * len(candidates)
+    runnable = []
+    for k, (d, _) in enumerate(candidates):
+        if isinstance(factors[d], ValueError):
+            results[k] = factors[d]
+        else:
+            runnable.append(k)
+    for c0 in range(0, len(runnable), max_batch):
+        batch = runnable[c0 : c0 + max_batch]
+        U = torch.stack([factors[candidates[k][0]] for k in batch])
+        solved = _nvfp4_loop(Wf, U, gs, [scales_in[k] for k in batch], block_size)
+        for k, (codes, scales, W_hat) in zip(batch, solved, strict=True):
+            if act_order:
+                inv_c = torch.argsort(cperm)
+                codes, W_hat, scales = codes[:, inv_c], W_hat[:, inv_c], scales[:, torch.argsort(gperm)]
+            q = NVFP4Weight(codes=codes.contiguous(), scale=scales.contiguous(), global_scale=gs)
+            results[k] = (q, W_hat.contiguous())
+    return results  # type: ignore[return-value]
+
+
+def _nvfp4_loop(
+    Wf: torch.Tensor, U: torch.Tensor, gs: torch.Tensor, scales: Sequence[torch.Tensor | None], block_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One batched column loop: per candidate ``(codes [out, in], scales [out, groups], w_hat)``."""
+    out, n = Wf.shape
+    B, n_groups = U.shape[0], n // GROUP_SIZE
+    codes_t = torch.empty(B, n, out, dtype=torch.uint8, device=Wf.device)
+    scales_t = torch.empty(B, n_groups, out, dtype=torch.float8_e4m3fn, device=Wf.device)
+    for b, s in enumerate(scales):
+        if s is not None:
+            scales_t[b] = s.T
+    dynamic = torch.tensor([s is None for s in scales], device=Wf.device).nonzero().squeeze(1)
+    eff = torch.empty(B, out, dtype=torch.float32, device=Wf.device)
 
     def round_column(j: int, W1: torch.Tensor, i: int) -> torch.Tensor:
         g = j // GROUP_SIZE
         if j % GROUP_SIZE == 0:
-            if scale is None:
-                amax = W1[i : i + GROUP_SIZE].abs().amax(0)
-                scales_t[g] = fp8_group_scales(amax, gs)
-            eff.copy_(scales_t[g].float() / gs)
-        c = e2m1_codes(W1[i] / eff)
-        codes_t[j] = c
+            if dynamic.numel():
+                amax = W1[dynamic, i : i + GROUP_SIZE].abs().amax(1)
+                scales_t[dynamic, g] = fp8_group_scales(amax, gs)
+            eff.copy_(scales_t[:, g].float() / gs)
+        c = e2m1_codes(W1[:, i] / eff)
+        codes_t[:, j] = c
         return e2m1_decode(c) * eff
 
-    W_hat = _gptq_loop(Wf.T.contiguous(), U, block_size, round_column).T
-    codes, scales = codes_t.T, scales_t.T
-
-    if act_order:
-        inv_c = torch.argsort(cperm)
-        codes = codes[:, inv_c]
-        W_hat = W_hat[:, inv_c]
-        scales = scales[:, torch.argsort(gperm)]
-    q = NVFP4Weight(codes=codes.contiguous(), scale=scales.contiguous(), global_scale=gs)
-    return (q, W_hat.contiguous()) if return_w_hat else q
+    WT = Wf.T.unsqueeze(0).repeat(B, 1, 1)
+    W_hat = _gptq_loop(WT, U, block_size, round_column)
+    return [(codes_t[b].T, scales_t[b].T, W_hat[b].T) for b in range(B)]
 
 
 def _diag_blocks(H: torch.Tensor) -> torch.Tensor:
@@ -395,11 +456,11 @@ def gptq_fp8(
     q8_t = torch.empty(Wf.shape[1], Wf.shape[0], dtype=torch.float8_e4m3fn, device=Wf.device)
 
     def round_column(j: int, W1: torch.Tensor, i: int) -> torch.Tensor:
-        c = fp8_round(W1[i] / s_col)
+        c = fp8_round(W1[0, i] / s_col)
         q8_t[j] = c
-        return c.float() * s_col
+        return (c.float() * s_col).unsqueeze(0)
 
-    _gptq_loop(Wf.T.contiguous(), U, block_size, round_column)
+    _gptq_loop(Wf.T.contiguous().unsqueeze(0), U.unsqueeze(0), block_size, round_column)
     q8 = q8_t.T
     if act_order:
         q8 = q8[:, torch.argsort(perm)]
@@ -429,7 +490,9 @@ class GPTQConfig:
     * ``block_size``: lazy-update block width (a multiple of 16);
     * ``act_order``: group-wise activation order for NVFP4, column-wise for FP8;
     * ``sweep`` / ``sweep_grid``: the NVFP4 per-group scale sweep and its multipliers;
-    * ``sweep_then_gptq``: also run GPTQ under the swept scales (at the best GPTQ damping).
+    * ``sweep_then_gptq``: also run GPTQ under the swept scales (at every damping);
+    * ``max_batch``: NVFP4 GPTQ candidates (dampings x {own, swept} scales) solved together in one
+      column loop (each bit-identical to solving it alone; memory: that many fp32 copies of W).
     """
 
     dampening: tuple[float, ...] = (0.01, 0.03, 0.1)
@@ -438,6 +501,7 @@ class GPTQConfig:
     sweep: bool = True
     sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
     sweep_then_gptq: bool = True
+    max_batch: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dampening", tuple(float(d) for d in self.dampening))
@@ -445,6 +509,8 @@ class GPTQConfig:
         if not self.dampening or any(not (d >= 0 and math.isfinite(d)) for d in self.dampening):
             raise ValueError(f"dampening needs at least one finite value >= 0, got {self.dampening}")
         _check_block_size(self.block_size, GROUP_SIZE)
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if any(not (m > 0 and math.isfinite(m)) for m in self.sweep_grid):
             raise ValueError(f"sweep_grid multipliers must be finite and > 0, got {self.sweep_grid}")
 
@@ -531,7 +597,8 @@ def refine_nvfp4(
     global_scale: torch.Tensor,
     config: GPTQConfig | None = None,
 ) -> RefineResult:
-    """RTN, GPTQ at each damping, the scale sweep and sweep-then-GPTQ, fitted on ``H_fit``; the
+    """RTN, GPTQ at each damping, the scale sweep and GPTQ under the swept scales at each damping
+    (all GPTQ candidates in one batched column loop), fitted on ``H_fit``; the
     candidate with the least held-out output error is kept only when it beats RTN's held-out
     error, else RTN (bit for bit). GPTQ at one damping counts as one candidate per damping; a
     damping whose Hessian cannot be inverted is listed in ``failed`` and skipped.
@@ -546,44 +613,29 @@ def refine_nvfp4(
     cands = _Candidates(Wf, H_fit, H_heldout)
     cands.add("rtn", None, rtn, rtn.dequantize())
 
-    best_damp, best_held = None, math.inf
-    for d in config.dampening:
-        try:
-            q, w_hat = gptq_nvfp4(
-                Wf,
-                H_fit,
-                global_scale=gs,
-                damp=d,
-                block_size=config.block_size,
-                act_order=config.act_order,
-                return_w_hat=True,
-            )
-        except ValueError as e:
-            cands.failed[f"gptq@{d:g}"] = str(e)
-            continue
-        held = cands.add("gptq", d, q, w_hat)
-        if held < best_held:
-            best_damp, best_held = d, held
-
+    members: list[tuple[float, torch.Tensor | None]] = [(d, None) for d in config.dampening]
+    sw = None
     if config.sweep:
         sw = scale_sweep_nvfp4(Wf, H_fit, global_scale=gs, grid=config.sweep_grid)
-        cands.add("sweep", None, sw, sw.dequantize())
         if config.sweep_then_gptq:
-            d = best_damp if best_damp is not None else config.dampening[0]
-            try:
-                q, w_hat = gptq_nvfp4(
-                    Wf,
-                    H_fit,
-                    global_scale=gs,
-                    scale=sw.scale,
-                    damp=d,
-                    block_size=config.block_size,
-                    act_order=config.act_order,
-                    return_w_hat=True,
-                )
-                cands.add("sweep+gptq", d, q, w_hat)
-            except ValueError as e:
-                cands.failed[f"sweep+gptq@{d:g}"] = str(e)
+            members += [(d, sw.scale) for d in config.dampening]
+    solved = gptq_nvfp4_candidates(
+        Wf, H_fit, global_scale=gs, candidates=members, block_size=config.block_size,
+        act_order=config.act_order, max_batch=config.max_batch,
+    )
+    results = list(zip(members, solved, strict=True))
+    for (d, _), res in results[: len(config.dampening)]:
+        if isinstance(res, ValueError):
+            cands.failed[f"gptq@{d:g}"] = str(res)
+        else:
+            cands.add("gptq", d, *res)
+    if sw is not None:
+        cands.add("sweep", None, sw, sw.dequantize())
+        for (d, _), res in results[len(config.dampening) :]:
+            if isinstance(res, ValueError):
+                cands.failed[f"sweep+gptq@{d:g}"] = str(res)
+            else:
+                cands.add("sweep+gptq", d, *res)
     return cands.choose()
 
 

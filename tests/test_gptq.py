@@ -14,6 +14,7 @@ from pq_lightning.gptq import (
     accumulate_hessian,
     gptq_fp8,
     gptq_nvfp4,
+    gptq_nvfp4_candidates,
     group_output_error,
     inverse_hessian_factor,
     output_error,
@@ -123,7 +124,8 @@ def test_gptq_beats_rtn_on_correlated_inputs_and_refine_keeps_it(correlated):
     assert res.candidates[res.key].heldout < 0.9 * res.candidates["rtn"].heldout
     assert res.candidates[res.key].heldout == min(c.heldout for c in res.candidates.values())
     assert {"rtn", "gptq@0.01", "gptq@0.03", "gptq@0.1", "sweep"} < set(res.candidates)
-    assert sum(k.startswith("sweep+gptq@") for k in res.candidates) == 1 and not res.failed
+    swept = {k for k in res.candidates if k.startswith("sweep+gptq@")}
+    assert swept == {"sweep+gptq@0.01", "sweep+gptq@0.03", "sweep+gptq@0.1"} and not res.failed
     assert torch.equal(res.w_hat, res.quantized.dequantize())
     assert res.heldout_gain > 0.1
 
@@ -210,6 +212,31 @@ def test_blocked_gptq_matches_a_plain_column_loop():
     assert not torch.equal(codes, NVFP4.quantize(W, global_scale=gs).codes)  # feedback did something
     q128 = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=128)
     assert torch.equal(q128.codes, codes)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_batched_candidates_equal_solving_each_alone(correlated, act_order):
+    """One column loop over several (damping, scales) candidates gives each one's own result, bit
+    for bit, whatever the batch size; a damping that cannot be inverted comes back as its error."""
+    W, H_fit, _, gs = correlated
+    swept = scale_sweep_nvfp4(W, H_fit, global_scale=gs).scale
+    members = [(0.01, None), (0.1, None), (0.01, swept), (0.03, swept)]
+    alone = [gptq_nvfp4(W, H_fit, global_scale=gs, damp=d, scale=s, act_order=act_order, block_size=32,
+                        return_w_hat=True) for d, s in members]
+    for max_batch in (4, 3):
+        got = gptq_nvfp4_candidates(W, H_fit, global_scale=gs, candidates=members, act_order=act_order,
+                                    block_size=32, max_batch=max_batch)
+        for (q, w_hat), (q_ref, w_ref) in zip(got, alone, strict=True):
+            assert torch.equal(q.codes, q_ref.codes)
+            assert torch.equal(q.scale.view(torch.uint8), q_ref.scale.view(torch.uint8))
+            assert torch.equal(w_hat, w_ref) and torch.equal(w_hat, q.dequantize())
+    # the candidates differ from each other (the batch does not collapse them)
+    assert not torch.equal(alone[0][0].codes, alone[1][0].codes)
+    assert not torch.equal(alone[0][0].codes, alone[2][0].codes)
+    mixed = gptq_nvfp4_candidates(W, H_fit, global_scale=gs, candidates=[(-1.0, None), (0.01, None)],
+                                  act_order=act_order, block_size=32)
+    assert isinstance(mixed[0], ValueError) and "damping" in str(mixed[0])
+    assert torch.equal(mixed[1][0].codes, alone[0][0].codes)
 
 
 def test_fp8_gptq_matches_a_plain_column_loop_and_decodes_exactly():
