@@ -534,7 +534,8 @@ class FisherProbe(Callback):
         size of the resumed run."""
         if self.accumulator is None:
             return dict(self._loaded_state) if self._loaded_state is not None else {}
-        sums = FisherAccumulator.sum_state_over_ranks(self.accumulator.state_dict())
+        # copy(): the committed sums only (a staged batch is not part of the state)
+        sums = self.accumulator.copy().all_reduce().state_dict()
         return {"sums": sums, "model_fingerprint": self._model_fingerprint, "summed_over_ranks": True}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -474,46 +474,6 @@ class FisherAccumulator:
             },
         }
 
-    @staticmethod
-    def sum_state_over_ranks(state: Mapping, process_group=None) -> dict:
-        """:meth:`state_dict` output summed over all ranks of ``process_group`` (one collective).
-
-        A checkpoint holds one rank's state only (rank zero writes it), so a distributed run saves
-        the totals; on resume one rank loads them and the others start from zero. Must be called on
-        every rank; without an initialised process group it returns ``state`` unchanged.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return dict(state)
-        keys = ("h_trace", "diag_out", "diag_in")
-        tensors = []
-        for lin in state["linears"].values():
-            tensors += [lin[k] for k in keys] + [lin["output_error"][f] for f in sorted(lin["output_error"])]
-        counts = [float(state["n_tokens"]), float(state["n_batches"]), float(state["n_dropped_batches"])]
-        flat = torch.cat([t.double().reshape(-1) for t in tensors] + [torch.tensor(counts, dtype=torch.float64)])
-        device = "cpu" if dist.get_backend(process_group) == "gloo" else torch.device("cuda", torch.cuda.current_device())
-        buf = flat.to(device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=process_group)
-        buf = buf.cpu()
-        out = dict(state)
-        out["linears"], offset = {}, 0
-
-        def take(like: torch.Tensor) -> torch.Tensor:
-            nonlocal offset
-            t = buf[offset : offset + like.numel()].reshape(like.shape).to(like.dtype)
-            offset += like.numel()
-            return t
-
-        for name, lin in state["linears"].items():
-            d = {"shape": list(lin["shape"])}
-            for k in keys:
-                d[k] = take(lin[k])
-            d["output_error"] = {f: take(lin["output_error"][f]) for f in sorted(lin["output_error"])}
-            out["linears"][name] = d
-        out["n_tokens"], out["n_batches"], out["n_dropped_batches"] = (int(round(float(v))) for v in buf[offset:])
-        return out
-
     def load_state_dict(self, state: Mapping) -> None:
         """Restore sums saved by :meth:`state_dict` (the tracked Linears and formats must match)."""
         if int(state.get("version", 0)) != 1:

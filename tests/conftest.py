@@ -21,6 +21,12 @@ Fixtures (all offline, each builds in well under a second):
   would pick the wrong one. ``model.embed_vision.embedding_projection`` and ``lm_head`` (tied) are
   Linears outside the body. A forward with ``input_ids`` only works (no pixels needed).
 
+* ``tiny_model_dir``: a Hugging Face folder with a tiny Llama (hidden 64, intermediate 128) and the
+  tiny tokenizer, plus ``text.txt`` (:data:`TINY_TEXT`) beside it, for pipeline-level tests.
+
+Helpers: :func:`quiet_trainer` (a CPU ``lightning.Trainer`` without logger, checkpoints, bars or
+sanity steps; keyword overrides win).
+
 The ids produced by ``tiny_tokenizer`` are all below 128, valid for both tiny models.
 """
 
@@ -178,3 +184,38 @@ def make_tiny_gemma4() -> Callable[..., Any]:
 @pytest.fixture
 def tiny_gemma4() -> Any:
     return build_tiny_gemma4()
+
+
+#: Calibration text for pipeline-level tests (repeated so that a few windows of 32 tokens fit).
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Return the number of items in the sequence, "
+    "or raise an error when it is empty. "
+) * 60
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, make_tiny_llama, tiny_tokenizer):
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    (tmp_path / "text.txt").write_text(TINY_TEXT)
+    return path
+
+
+def quiet_trainer(callbacks=(), **overrides: Any):
+    """A one-epoch CPU ``lightning.Trainer`` with no logger, checkpointing, bars or sanity steps."""
+    import lightning
+
+    args: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    args.update(overrides)
+    return lightning.Trainer(callbacks=list(callbacks), **args)

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from pq_lightning.callbacks import FisherProbe
 from torch.utils.data import DataLoader
 
@@ -31,21 +32,6 @@ def _model(make_tiny_llama):
 def _windows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(4, 128, (SEQ,), generator=gen)} for _ in range(n)]
-
-
-def _trainer(callbacks=(), **kw) -> L.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    args.update(kw)
-    return L.Trainer(callbacks=list(callbacks), **args)
 
 
 def _reference(hf_model, batches, formats=FORMATS, draws=None):
@@ -141,7 +127,7 @@ def test_probe_matches_per_token_reference(make_tiny_llama, tmp_path):
         output_path=str(tmp_path / "sens.safetensors"), formats=list(FORMATS), output_error_tokens=None
     )
     module = CausalLM.from_model(copy.deepcopy(hf), probe_only=True)
-    _trainer([probe]).fit(module, DataLoader(data, batch_size=2))
+    quiet_trainer([probe]).fit(module, DataLoader(data, batch_size=2))
 
     batches = [torch.stack([d["input_ids"] for d in data[i : i + 2]]) for i in (0, 2)]
     ref, n_tokens = _reference(hf, batches)
@@ -174,7 +160,7 @@ def test_gradient_accumulation_equals_bigger_batch(make_tiny_llama, tmp_path):
             output_path=str(tmp_path / f"s{batch_size}.safetensors"), output_error_tokens=None
         )
         module = CausalLM.from_model(copy.deepcopy(hf), probe_only=True)
-        _trainer([probe], accumulate_grad_batches=accumulate).fit(
+        quiet_trainer([probe], accumulate_grad_batches=accumulate).fit(
             module, DataLoader(data, batch_size=batch_size)
         )
         results.append(probe.sensitivity)
@@ -198,7 +184,7 @@ def test_probe_does_not_change_fine_tuning(make_tiny_llama, tmp_path):
         module = CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2)
         rec = _LossRecorder()
         cbs = [rec] + ([FisherProbe(output_path=str(tmp_path / "ft.safetensors"))] if with_probe else [])
-        _trainer(cbs, max_epochs=2).fit(module, DataLoader(data, batch_size=2))
+        quiet_trainer(cbs, max_epochs=2).fit(module, DataLoader(data, batch_size=2))
         runs.append((rec.losses, {k: v.detach().clone() for k, v in module.model.state_dict().items()}, cbs))
     (loss_a, w_a, _), (loss_b, w_b, cbs) = runs
     assert len(loss_a) == 6 and loss_a == loss_b
@@ -218,17 +204,17 @@ def test_resumed_run_continues_the_sums(make_tiny_llama, tmp_path):
         return DataLoader(data, batch_size=2)
 
     whole = FisherProbe(output_path=str(tmp_path / "whole.safetensors"))
-    _trainer([whole], max_epochs=2).fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader())
+    quiet_trainer([whole], max_epochs=2).fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader())
 
     first = FisherProbe(output_path=str(tmp_path / "resumed.safetensors"))
-    trainer = _trainer([first], max_epochs=1)
+    trainer = quiet_trainer([first], max_epochs=1)
     trainer.fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader())
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
     assert first.sensitivity.n_tokens == 2 * 2 * (SEQ - 1)
 
     resumed = FisherProbe(output_path=str(tmp_path / "resumed.safetensors"))
-    _trainer([resumed], max_epochs=2).fit(
+    quiet_trainer([resumed], max_epochs=2).fit(
         CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-2), loader(), ckpt_path=ckpt
     )
     assert resumed.sensitivity.n_tokens == whole.sensitivity.n_tokens == 4 * 2 * (SEQ - 1)
@@ -243,13 +229,13 @@ def test_ddp_two_processes_equal_one(make_tiny_llama, tmp_path):
     data = _windows(4, seed=4)
     # one optimizer step, so both runs measure the same weights
     single = FisherProbe(output_path=str(tmp_path / "single.safetensors"))
-    _trainer([single]).fit(
+    quiet_trainer([single]).fit(
         CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-3), DataLoader(data, batch_size=4)
     )
 
     ddp_path = tmp_path / "ddp.safetensors"
     probe = FisherProbe(output_path=str(ddp_path))
-    trainer = _trainer([probe], devices=2, strategy="ddp_spawn")
+    trainer = quiet_trainer([probe], devices=2, strategy="ddp_spawn")
     trainer.fit(CausalLM.from_model(copy.deepcopy(hf), learning_rate=1e-3), DataLoader(data, batch_size=2))
     ddp = load_sensitivity(ddp_path, model_fingerprint=model_fingerprint(hf))
     assert ddp.meta["world_size"] == 2
@@ -265,7 +251,7 @@ def test_ddp_resume_counts_every_token_once(make_tiny_llama, tmp_path):
     hf = _model(make_tiny_llama)
     data = _windows(8, seed=6)
     whole = FisherProbe(output_path=str(tmp_path / "whole.safetensors"))
-    _trainer([whole], max_epochs=2).fit(
+    quiet_trainer([whole], max_epochs=2).fit(
         CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=2)
     )
 
@@ -273,11 +259,11 @@ def test_ddp_resume_counts_every_token_once(make_tiny_llama, tmp_path):
     resumed_path = tmp_path / "resumed.safetensors"  # the state key: the same probe on resume
     first = FisherProbe(output_path=str(resumed_path))
     keep = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_on_train_epoch_end=True)
-    _trainer([first, keep], devices=2, strategy="ddp_spawn", enable_checkpointing=True).fit(
+    quiet_trainer([first, keep], devices=2, strategy="ddp_spawn", enable_checkpointing=True).fit(
         CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=1)
     )
     resumed = FisherProbe(output_path=str(resumed_path))
-    _trainer([resumed], devices=2, strategy="ddp_spawn", max_epochs=2).fit(
+    quiet_trainer([resumed], devices=2, strategy="ddp_spawn", max_epochs=2).fit(
         CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=1),
         ckpt_path=str(ckpt_dir / "last.ckpt"),
     )
@@ -290,7 +276,7 @@ def test_include_regex_matching_nothing_is_a_clear_error(make_tiny_llama, tmp_pa
     probe = FisherProbe(output_path=str(tmp_path / "s.safetensors"), include=[r"mlp\.nonexistent_proj"])
     module = CausalLM.from_model(_model(make_tiny_llama), probe_only=True)
     with pytest.raises(ValueError, match="matches no Linear"):
-        _trainer([probe]).fit(module, DataLoader(_windows(2), batch_size=2))
+        quiet_trainer([probe]).fit(module, DataLoader(_windows(2), batch_size=2))
 
 
 def test_include_exclude_select_the_tracked_linears(make_tiny_llama, tmp_path):
@@ -302,7 +288,7 @@ def test_include_exclude_select_the_tracked_linears(make_tiny_llama, tmp_path):
         max_tokens=SEQ - 1,
     )
     module = CausalLM.from_model(_model(make_tiny_llama), probe_only=True)
-    _trainer([probe]).fit(module, DataLoader(_windows(3), batch_size=1))
+    quiet_trainer([probe]).fit(module, DataLoader(_windows(3), batch_size=1))
     sens = load_sensitivity(tmp_path / "s.safetensors")
     assert sorted(sens.linears) == sorted(
         f"model.layers.1.{p}"
@@ -331,7 +317,7 @@ def test_bad_arguments_are_refused():
 def test_sensitivity_of_another_model_is_refused(make_tiny_llama, tmp_path):
     hf = _model(make_tiny_llama)
     probe = FisherProbe(output_path=str(tmp_path / "s.safetensors"), output_error=False)
-    _trainer([probe]).fit(
+    quiet_trainer([probe]).fit(
         CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(_windows(2), batch_size=2)
     )
     other = make_tiny_llama(initializer_range=0.2, intermediate_size=48)
@@ -351,7 +337,7 @@ def test_subsampled_probe_matches_reference_on_its_drawn_positions(make_tiny_lla
     probe = FisherProbe(
         output_path=str(tmp_path / "s.safetensors"), output_error_tokens=0.25, output_error_seed=3
     )
-    _trainer([probe]).fit(
+    quiet_trainer([probe]).fit(
         CausalLM.from_model(copy.deepcopy(hf), probe_only=True), DataLoader(data, batch_size=2)
     )
     batches = [torch.stack([d["input_ids"] for d in data[i : i + 2]]) for i in (0, 2)]
@@ -374,7 +360,7 @@ def test_subsampled_probe_matches_reference_on_its_drawn_positions(make_tiny_lla
 
 def _fit(hf, tmp_path, tag, batch_size=2, accumulate=1, **kw):
     probe = FisherProbe(output_path=str(tmp_path / f"{tag}.safetensors"), **kw)
-    _trainer([probe], accumulate_grad_batches=accumulate).fit(
+    quiet_trainer([probe], accumulate_grad_batches=accumulate).fit(
         CausalLM.from_model(copy.deepcopy(hf), probe_only=True),
         DataLoader(_windows(4, seed=6), batch_size=batch_size),
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from pq_lightning.callbacks import FisherProbe
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -36,21 +37,6 @@ RUNS = {"probe": {"probe_only": True}, "finetune": {"learning_rate": 1e-3}}
 def _windows() -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(7)
     return [{"input_ids": torch.randint(4, 128, (SEQ,), generator=gen)} for _ in range(N_WINDOWS)]
-
-
-def _trainer(callbacks, **kw) -> L.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    args.update(kw)
-    return L.Trainer(callbacks=list(callbacks), **args)
 
 
 class _ShardingSpy(L.Callback):
@@ -89,7 +75,7 @@ def _worker(out_dir: Path) -> None:
         # two ranks together covers the windows of step k of the one process (batches of 4)
         windows = _windows()
         sampler = DistributedSampler(windows, num_replicas=2, rank=int(os.environ["RANK"]), shuffle=False)
-        trainer = _trainer([probe, spy], devices=2, strategy=strategy, use_distributed_sampler=False)
+        trainer = quiet_trainer([probe, spy], devices=2, strategy=strategy, use_distributed_sampler=False)
         trainer.fit(module, DataLoader(windows, batch_size=2, sampler=sampler))
         if int(os.environ["RANK"]) == 0:
             (out_dir / f"{run}.json").write_text(json.dumps(spy.record))
@@ -118,7 +104,7 @@ def test_fsdp2_two_processes_equal_one(make_tiny_llama, tmp_path):
     hf = make_tiny_llama(initializer_range=0.2)
     for run, kwargs in RUNS.items():
         single = FisherProbe(output_path=str(tmp_path / f"single-{run}.safetensors"))
-        _trainer([single]).fit(
+        quiet_trainer([single]).fit(
             CausalLM.from_model(copy.deepcopy(hf), **kwargs), DataLoader(_windows(), batch_size=4)
         )
         ref = single.sensitivity

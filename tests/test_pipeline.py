@@ -15,23 +15,7 @@ from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, q
 from pq_lightning.plan import Plan
 from pq_lightning.served import load_quantized_checkpoint
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Return the number of items in the sequence, "
-    "or raise an error when it is empty. "
-) * 60
-
-
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, make_tiny_llama, tiny_tokenizer):
-    model = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    (tmp_path / "text.txt").write_text(TEXT)
-    return path
 
 
 def _settings(tmp_path):

@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_TEXT
 
 from pq_lightning.evaluate import evaluate_models, fake_quant_candidate
 from pq_lightning.models import find_body_linears
 from pq_lightning.pipeline import CalibrationConfig, run_probe
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Return the number of items in the sequence, "
-    "or raise an error when it is empty. "
-) * 60
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
@@ -36,16 +33,6 @@ def sweep():
         yield mod
     finally:
         sys.modules.pop(spec.name, None)
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, make_tiny_llama, tiny_tokenizer):
-    model = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    (tmp_path / "text.txt").write_text(TEXT)
-    return path
 
 
 # ---- rank correlation ---------------------------------------------------------------------------
@@ -148,7 +135,7 @@ def test_measure_plans_equals_quant_evaluator(sweep, make_tiny_llama):
 
 def test_probe_output_error_leaves_trace_and_diagonals_unchanged(tmp_path, make_tiny_llama, tiny_tokenizer):
     """Why one probe with the output error can stand in for the ladder's trace-only probe."""
-    (tmp_path / "text.txt").write_text(TEXT)
+    (tmp_path / "text.txt").write_text(TINY_TEXT)
     cal = CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32, num_samples=4, batch_size=2,
                             holdout_fraction=0.25)
     sens = {}
