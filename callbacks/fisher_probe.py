@@ -14,7 +14,9 @@ hooks run while FSDP holds the Linear's weight unsharded (the forward pass and t
 pass), so they read the full weight, exactly as on one device. Between steps the weight is a
 sharded ``DTensor``, so ``Q(W)`` is not cached for a sharded Linear: it is rebuilt from the unsharded
 weight at every use (``fake_quant`` costs a small fraction of the error's matmul), and no full copy
-of a weight outlives its backward pass. ``FSDPStrategy`` (FSDP1) and tensor-parallel Linears are
+of a weight outlives its backward pass. Layers streamed from disk or host memory
+(:mod:`pq_lightning.streaming`, ``CausalLM(memory_cap_gb=...)``) are handled the same way: the hooks
+read the resident weight, ``Q(W)`` is not cached. ``FSDPStrategy`` (FSDP1) and tensor-parallel Linears are
 refused.
 
 Gradient of the sum-reduced loss. The LightningModule's loss is the *mean* over
@@ -70,6 +72,7 @@ from pq_lightning.fisher import (
 from pq_lightning.formats import FP8, NVFP4, QuantFormat, get_format
 from pq_lightning.formats.e2m1 import e2m1_decode, unpack_codes
 from pq_lightning.sensitivity import Sensitivity, default_meta, save_sensitivity
+from pq_lightning.streaming import ensure_loaded, is_streamed
 
 
 class FisherProbe(Callback):
@@ -259,9 +262,10 @@ class FisherProbe(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._linears:
             return
-        device = next(iter(self._linears.values())).weight.device
+        device = pl_module.device
         shapes = {n: tuple(m.weight.shape) for n, m in self._linears.items()}  # a DTensor's: the global shape
-        self._sharded = {n for n, m in self._linears.items() if _is_dtensor(m.weight)}
+        # weights that do not stay put between steps (FSDP2 shards, streamed layers): Q(W) not cached
+        self._sharded = {n for n, m in self._linears.items() if _is_dtensor(m.weight) or is_streamed(m)}
         self._qweights = {}
         self.accumulator = FisherAccumulator(shapes, self.formats if self.output_error else (), device=device)
         if self._loaded_state is not None:
@@ -458,6 +462,7 @@ class FisherProbe(Callback):
                 f"FisherProbe: the input of {name} was modified in place after the forward pass; "
                 "exclude this Linear (exclude=[...]) or avoid the in-place operation."
             )
+        ensure_loaded(module)  # a streamed layer (its output-gradient hook has reloaded it already)
         with torch.no_grad():
             errs = {}
             rows, scale = None, 1.0

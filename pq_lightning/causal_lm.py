@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pq_lightning.models import load_model
+from pq_lightning.streaming import load_streamed_model, streamer_of
 
 IGNORE_INDEX = -100
 # Lightning warnings that are expected in probe-only mode (no optimizer; the model kept in eval mode)
@@ -62,6 +63,12 @@ class CausalLM(lightning.LightningModule):
         weight_decay: AdamW weight decay on parameters with 2+ dimensions (fine-tune mode).
         warmup_steps: linear warmup length in optimizer steps (0: none).
         trust_remote_code: passed to transformers on load.
+        memory_cap_gb: stream the decoder layers to the device one at a time with at most this many
+            GiB of weights on it (:mod:`pq_lightning.streaming`): probe a model larger than the device
+            (or, with ``offload="disk"``, than host memory). Needs ``probe_only`` and a local Hugging
+            Face folder with safetensors weights. ``None``: the whole model is loaded.
+        offload: where streamed layers wait: ``"disk"`` (read from the checkpoint files at each use)
+            or ``"host"`` (host memory).
     """
 
     def __init__(
@@ -74,9 +81,19 @@ class CausalLM(lightning.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         trust_remote_code: bool = False,
+        memory_cap_gb: float | None = None,
+        offload: str = "disk",
         _hf_model: Any = None,
     ) -> None:
         super().__init__()
+        if memory_cap_gb is not None:
+            if memory_cap_gb <= 0:
+                raise ValueError(f"memory_cap_gb must be > 0, got {memory_cap_gb}.")
+            if not probe_only:
+                raise ValueError(
+                    "memory_cap_gb streams the decoder layers for probing only (streamed weights are not "
+                    "trainable parameters); set probe_only=True, or drop memory_cap_gb to fine-tune."
+                )
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
         if weight_decay < 0:
@@ -84,7 +101,18 @@ class CausalLM(lightning.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
         self.save_hyperparameters(ignore=["_hf_model"])
-        if _hf_model is None:
+        if _hf_model is None and memory_cap_gb is not None:
+            if gguf_file is not None or model is None or str(model).endswith(".gguf"):
+                raise ValueError(
+                    "memory_cap_gb streams layers from a Hugging Face folder with safetensors weights; a "
+                    "GGUF model loads whole. Save it once (pq_lightning.models.save_reference or "
+                    "save_pretrained) and pass that folder as model."
+                )
+            _hf_model = load_streamed_model(
+                model, dtype=dtype, memory_cap_gb=memory_cap_gb, offload=offload,
+                trust_remote_code=trust_remote_code,
+            )
+        elif _hf_model is None:
             _hf_model = load_model(
                 model, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
             )
@@ -157,6 +185,11 @@ class CausalLM(lightning.LightningModule):
 
         if isinstance(self.model, FSDPModule):
             return
+        if streamer_of(self.model) is not None:
+            raise ValueError(
+                "a model with streamed layers (memory_cap_gb) cannot also be sharded with FSDP; use one "
+                "or the other (streaming bounds each process's weights, FSDP splits them over processes)"
+            )
         mesh = self.device_mesh
         tp = mesh["tensor_parallel"].size()
         if tp != 1:
@@ -205,7 +238,11 @@ class CausalLM(lightning.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of the wrapped model (no KV cache)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        streamer = streamer_of(self.model)
+        if streamer is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with streamer.autograd_context():  # autograd keeps references to streamed weights, not copies
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def next_token_loss(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32) over the predicted positions of ``batch``.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import get_format
+from .streaming import ensure_loaded
 
 ESTIMATORS = ("trace", "diag", "output")
 
@@ -96,6 +97,7 @@ def compute_costs(
     costs: dict[str, LinearCost] = {}
     iterator = progress(items) if progress is not None else items
     for name, module in iterator:
+        ensure_loaded(module)  # a layer streamed from disk (pq_lightning.streaming) is read here
         w = module.weight.detach()
         shape = (int(w.shape[0]), int(w.shape[1]))
         c = LinearCost(name=name, shape=shape)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .formats import NVFP4, QuantFormat, get_format
+from .streaming import full_state_items, weight_of
 
 #: vLLM's packed (fused) modules: a fused Linear's name -> the sibling names it is built from.
 FUSED_SIBLINGS: dict[str, tuple[str, ...]] = {
@@ -210,7 +211,7 @@ def resolve_packed(
                         "tensors do not (quantize the group with one shared global scale)"
                     )
             else:
-                amax = torch.stack([linears[m].weight.detach().abs().amax().float() for m in members])
+                amax = torch.stack([weight_of(model, m).detach().abs().amax().float() for m in members])
                 gs = fmt.global_scale(amax)
                 for m in members:
                     weight_gs[m] = gs
@@ -383,9 +384,10 @@ def _stream_tensors(
     """(checkpoint key, tensor) in state-dict order, one planned Linear packed at a time."""
     state = model.state_dict(keep_vars=False)
     skip = _tied_keys(model, state)
+    items = full_state_items(model)  # streamed decoder layers are read one layer at a time
     rename = _checkpoint_name_fn(model)
     planned_weights = {f"{n}.weight": n for n in formats}
-    for key, tensor in state.items():
+    for key, tensor in items:
         if key in skip:
             if key in planned_weights:
                 raise ValueError(

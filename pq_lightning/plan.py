@@ -178,6 +178,11 @@ def non_body_bytes(model: torch.nn.Module, body_names: Sequence[str]) -> int:
             continue
         seen.add(key)
         total += t.numel() * (2 if t.is_floating_point() else t.element_size())
+    from .streaming import streamed_shapes
+
+    for name, (shape, dtype) in streamed_shapes(model).items():  # decoder layers streamed from disk
+        if name not in body:
+            total += math.prod(shape) * (2 if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size())
     return total
 
 

@@ -62,6 +62,12 @@ Distributed
     all ranks hold identical results and the next group's inputs agree. Every rank must call this
     with the same plan and model; a rank without windows is an error (raised on every rank).
 
+Models larger than memory
+    With a :class:`~pq_lightning.streaming.LayerStreamer` attached to the model, each decoder layer is
+    put on the device for its step of the walk and dropped after it (the capture forward streams every
+    layer once per window under the streamer's memory cap). The stored hidden states and Hessians are
+    as above; the results equal the in-memory walk.
+
 Known limits
     A Linear called more than once in one layer forward disables the early stop (correct, slower).
     Planned Linears outside the decoder layers (``lm_head``...) are not refined (a warning says so):
@@ -86,6 +92,7 @@ from .formats.fp8 import FP8
 from .formats.nvfp4 import NVFP4, global_scale_from_amax
 from .gptq import GPTQConfig, output_error, refine_fp8, refine_nvfp4
 from .models import language_model_layers
+from .streaming import streamer_of
 
 __all__ = ["LinearDecision", "RefineOutput", "refine_model"]
 
@@ -498,7 +505,8 @@ def refine_model(
         model_type = getattr(text_cfg, "model_type", None)
     formats = _check_plan(model, plan, layers_name)
 
-    device = next(iter(layers.parameters())).device
+    streamer = streamer_of(model)
+    device = streamer._target_device() if streamer is not None else next(iter(layers.parameters())).device
     was_training = model.training
     model.eval()
     out = RefineOutput(packed={}, input_amax={}, decisions={}, totals={})
@@ -543,6 +551,8 @@ def refine_model(
         if progress is not None:
             layer_iter = progress(layer_iter)
         for li in layer_iter:
+            if streamer is not None:
+                streamer.load(li)  # resident while its Linears are decided (nothing else loads meanwhile)
             step = _LayerStep(
                 layers[li], f"{layers_name}.{li}.", hidden, [w[li] for w in windows], formats, model_type
             )
@@ -605,6 +615,8 @@ def refine_model(
             if li < len(layers) - 1:
                 hidden = step.outputs()
             give_back()  # the layer's effect now lives on in the stored hidden states only
+            if streamer is not None:
+                streamer.release(li)
     finally:
         give_back()
         model.train(was_training)

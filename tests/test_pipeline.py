@@ -158,3 +158,27 @@ def test_output_estimator_measures_the_output_error(tmp_path, tiny_model_dir):
     for name, lp in plan.linears.items():
         if lp.format != "bf16":
             assert lp.predicted_dloss == sens.linears[name].output_error[lp.format]
+
+
+def test_streamed_layers_under_a_memory_cap_give_the_same_build(tmp_path, tiny_model_dir):
+    """``memory_cap_gb`` smaller than the model: the same plan, packed tensors and evaluation."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cap_gb = 0.7 * sum(p.numel() * 4 for p in model.parameters()) / 2**30
+    settings = {**_settings(tmp_path), "pareto_bits": [6.0]}
+    reports = {}
+    for tag, extra in (("whole", {}), ("streamed", {"memory_cap_gb": cap_gb})):
+        reports[tag] = quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / tag), target_bits=6.0,
+                                **settings, **extra)
+    a, b = reports["whole"], reports["streamed"]
+    assert a["formats"] == b["formats"] and a["predicted_dloss"] == b["predicted_dloss"]
+    assert a["bpp_body"] == b["bpp_body"] and a["eval"] == b["eval"]
+    A = load_file(tmp_path / "whole" / "checkpoint-6bpp" / "model-00001-of-00001.safetensors")
+    B = load_file(tmp_path / "streamed" / "checkpoint-6bpp" / "model-00001-of-00001.safetensors")
+    assert A.keys() == B.keys()
+    u8 = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+    assert all(torch.equal(u8(A[k]), u8(B[k])) for k in A)
+    with pytest.raises(ValueError, match="GGUF"):
+        quantize(model="model.gguf", output_dir=str(tmp_path / "x"), memory_cap_gb=1.0, **settings)
