@@ -62,6 +62,10 @@ _MODULE_ATTR = "_pq_stream_layer"
 GIB = 2**30
 
 
+def _gib(n: int) -> str:
+    return f"{n / GIB:.6g} GiB"
+
+
 # ---- weight stores ------------------------------------------------------------------------------
 class WeightStore(Protocol):
     """Where streamed tensors live while they are not on the device."""
@@ -262,9 +266,9 @@ class LayerStreamer:
             if room < largest:
                 self.detach()
                 raise ValueError(
-                    f"memory cap {self.memory_cap_bytes / GIB:.3f} GiB cannot hold the model's non-layer "
-                    f"weights ({other / GIB:.3f} GiB) plus one decoder layer ({largest / GIB:.3f} GiB); raise "
-                    f"it to at least {(other + largest) / GIB:.3f} GiB"
+                    f"memory cap {_gib(self.memory_cap_bytes)} cannot hold the model's non-layer weights "
+                    f"({_gib(other)}) plus one decoder layer ({_gib(largest)}); raise it to at least "
+                    f"{_gib(other + largest)}"
                 )
             self.max_resident_layers = max(1, room // max(largest, 1))
         return self
@@ -508,13 +512,11 @@ def load_streamed_model(
     layers_name, _ = language_model_layers(model)
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     for key, t in list(model.state_dict(keep_vars=True).items()):
-        if key.startswith(layers_name + ".") or t.device.type != "meta":
-            continue
+        if key.startswith(layers_name + ".") or t.device.type != "meta" or key in tied:
+            continue  # layers stream; tied copies (lm_head = embeddings) are tied below, not loaded twice
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name)
         if key not in store:
-            if key in tied:
-                continue
             raise KeyError(f"{key} is not in {folder}; the checkpoint does not match the model's parameter names")
         value = store.get(key).to(dtype=torch_dtype if t.is_floating_point() else t.dtype)
         if attr in module._parameters:

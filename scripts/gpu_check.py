@@ -566,6 +566,53 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_streamed_probe(model, tok, cal, formats, accelerator, work: Path, sens, stage) -> dict[str, Any]:
+    """The probe again with the decoder layers streamed from host memory under a cap that holds half
+    of the decoder layers (pq_lightning.streaming): its time, the layers resident, and whether its
+    sums equal the in-memory probe's."""
+    import lightning as L
+    import torch
+    from pq_lightning.callbacks import FisherProbe
+
+    from pq_lightning.causal_lm import CausalLM
+    from pq_lightning.data import CalibrationData
+    from pq_lightning.models import language_model_layers, save_reference
+    from pq_lightning.streaming import GIB, streamer_of
+
+    folder = save_reference(model, tok, work / "reference-bf16", overwrite=True)  # the model is bf16
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    _, layers = language_model_layers(model)
+    layer = max(sum(p.numel() * p.element_size() for p in lay.parameters()) for lay in layers)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # half the layers, plus half a layer of slack (buffers such as rotary tables differ in dtype)
+    cap = weights + buffers - (len(layers) - max(1, len(layers) // 2)) * layer + layer // 2
+    module = CausalLM(model=str(folder), dtype="bfloat16", probe_only=True, memory_cap_gb=cap / GIB,
+                      offload="host")
+    probe = FisherProbe(output_path=str(work / "sensitivity-streamed.safetensors"), formats=formats)
+    data = CalibrationData.from_tokenizer(tok, source=cal.source, seqlen=cal.seqlen, num_samples=cal.num_samples,
+                                          seed=cal.seed, batch_size=cal.batch_size,
+                                          holdout_fraction=cal.holdout_fraction)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=1, logger=False, callbacks=[probe],
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    with stage("probe_streamed"):
+        trainer.fit(module, datamodule=data)
+    st = streamer_of(module.model)
+    other = probe.sensitivity
+    identical = other.n_tokens == sens.n_tokens and all(
+        lin.h_trace == other[n].h_trace and torch.equal(lin.diag_out, other[n].diag_out)
+        and torch.equal(lin.diag_in, other[n].diag_in) and lin.output_error == other[n].output_error
+        for n, lin in sens.linears.items()
+    )
+    worst = max(abs(other[n].h_trace - lin.h_trace) / max(abs(lin.h_trace), 1e-30) for n, lin in sens.linears.items())
+    return {"resident_layers": st.max_resident_layers, "n_layers": len(st.layers), "layer_loads": st.loads,
+            "peak_resident_GiB": st.peak_resident_bytes / GIB, "cap_GiB": cap / GIB,
+            "weights_GiB": (weights + buffers) / GIB, "identical_to_in_memory": identical,
+            # random-weight runs cast the rotary tables to bf16 in memory (model.to), the streamed load
+            # keeps them as from_pretrained does: not identical there; real weights load alike
+            "max_rel_dev_h_trace": worst}
+
+
 def time_pipeline(args: argparse.Namespace, device: str, work: Path) -> dict[str, Any]:
     """Load, probe, cost, allocate, refine, export and evaluate, each timed, with the model on ``device``."""
     import torch
@@ -614,6 +661,7 @@ def time_pipeline(args: argparse.Namespace, device: str, work: Path) -> dict[str
                          exclude=None, formats=formats, accelerator=accelerator)
     res["device_after_probe"] = str(next(model.parameters()).device)
     model.to(device)  # Lightning hands the model back where it ran; make sure of it
+    res["probe_streamed"] = time_streamed_probe(model, tok, cal, formats, accelerator, work, sens, stage)
 
     body = find_body_linears(model)
     with stage("cost"):

@@ -193,7 +193,14 @@ def test_gpu_check_cpu_dry_run(tmp_path):
 
     pipe = s["pipeline"]
     assert pipe["ok"] is True and pipe["weights"] == "random" and pipe["accelerator"] == "cpu"
-    assert list(pipe["stage_seconds"]) == ["load", "to_device", "probe", "cost", "allocate", "refine", "export", "evaluate"]
+    assert list(pipe["stage_seconds"]) == [
+        "load", "to_device", "probe", "probe_streamed", "cost", "allocate", "refine", "export", "evaluate"
+    ]
+    streamed = pipe["probe_streamed"]
+    assert streamed["resident_layers"] == 1 < streamed["n_layers"] == 2 and streamed["layer_loads"] >= 3
+    # random weights: the in-memory model's rotary tables were cast to bf16, the streamed one's not
+    assert 0 <= streamed["max_rel_dev_h_trace"] < 1e-2
+    assert streamed["peak_resident_GiB"] <= streamed["cap_GiB"] < streamed["weights_GiB"]
     assert all(t >= 0 for t in pipe["stage_seconds"].values())
     assert pipe["plan"]["n_linears"] == 14 and pipe["plan"]["bpp_body"] <= 6.0
     assert pipe["bpp_body_on_disk"] == pytest.approx(pipe["plan"]["bpp_body"])
