@@ -20,7 +20,10 @@ How the walk goes
 
        * amax pass (only when a member has a static activation scale, W4A4 NVFP4): ``max |x|`` of the
          group's input; all-reduced with MAX across ranks; ``input_global_scale`` =
-         ``fmt.calibrate_input_global_scale(amax)``;
+         ``fmt.calibrate_input_global_scale(amax)``. When the group's inputs over this rank's windows
+         take at most ``max_kept_input_bytes`` (default 1 GiB: the inputs of one group, in the
+         model's dtype), the pass keeps them and the Hessian
+         below is built from them instead of from a second pass (the same sums);
        * Hessian pass: ``H = Σ x̂ᵀx̂`` (fp32) of the *served* input ``x̂ = fmt.fake_quant_activation(x,
          input_global_scale)`` (NVFP4 W4A4: dynamic per-16 scales under the static global scale just
          calibrated; FP8 W8A8: per token; weight-only formats: ``x`` itself), separately over fit and
@@ -38,8 +41,8 @@ How the walk goes
        stored inputs (skipped for the last layer). Layer ℓ's weights are then restored and its hooks
        removed: its effect lives on only in the stored hidden states.
 
-    Layer forwards per layer: one discovery run (one window) + per group (1 or 2 passes, cut short
-    after the group) + one full output pass. Everything runs under ``torch.no_grad`` with the model in
+    Layer forwards per layer: one discovery run (one window) + per group one pass cut short after the
+    group (two when its inputs are too large to keep) + one full output pass. Everything runs under ``torch.no_grad`` with the model in
     eval mode; the caller's model comes back bit-identical (same Parameter objects and storages; a
     ``try/finally`` restores weights, hooks and the train/eval flag even when something fails).
 
@@ -47,7 +50,8 @@ Memory
     Stored hidden states: ``n_windows × seqlen × hidden`` in the model's dtype, twice during a layer
     (its inputs and the next layer's inputs), on the model's device, plus each window's captured
     layer arguments (rotary tables, masks: shared across layers of one attention type). Per group one
-    or two ``[in, in]`` fp32 Hessians (fit and held-out), plus one layer's served weights at a time.
+    or two ``[in, in]`` fp32 Hessians (fit and held-out), plus one layer's served weights at a time,
+    plus the group's kept inputs (at most ``max_kept_input_bytes``) while its Hessians are built.
     For a 31B model with 128 windows × 2048 tokens × 5376 hidden in bf16 that is ~2.8 GB per copy of
     the hidden states. Weights stay where they are; the packed results are moved to the CPU.
 
@@ -312,17 +316,30 @@ class _GroupStats:
         self.n: dict[str, int] = {"fit": 0, "heldout": 0}
         self.quantize_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
         self.track_amax_in_hessian_pass = True
+        # inputs kept by the amax pass (split, x), so the Hessian needs no second pass
+        self.kept: list[tuple[str, torch.Tensor]] | None = None
 
     def observe_amax(self, module: nn.Module, args: tuple) -> None:
         a = args[0].detach().abs().amax().float()
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+        if self.kept is not None:
+            self.kept.append((self._split["split"], args[0].detach().clone()))
 
     def accumulate(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
         if self.track_amax_in_hessian_pass:
             self.observe_amax(module, args)
+        self._add(self._split["split"], args[0])
+
+    def accumulate_kept(self) -> None:
+        """The Hessians from the inputs the amax pass kept (same windows, same order: same sums)."""
+        assert self.kept is not None
+        while self.kept:
+            split, x = self.kept.pop(0)
+            self._add(split, x)
+        self.kept = None
+
+    def _add(self, split: str, x: torch.Tensor) -> None:
         xq = self.quantize_input(x).detach().reshape(-1, x.shape[-1]).float()
-        split = self._split["split"]
         if self.H[split] is None:
             self.H[split] = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
         self.H[split].addmm_(xq.T, xq)
@@ -477,6 +494,7 @@ def refine_model(
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
     process_group: Any = None,
     keep_hessians: bool = False,
+    max_kept_input_bytes: int = 2**30,
 ) -> RefineOutput:
     """Refine every planned body Linear of ``model`` layer by layer (see the module docstring).
 
@@ -495,6 +513,9 @@ def refine_model(
         progress: optional wrapper of the layer iterable (``rich.progress.track``-style).
         process_group: reduce statistics over this group (default: the world, when initialised).
         keep_hessians: also return the raw summed Hessians (CPU) in :attr:`RefineOutput.hessians`.
+        max_kept_input_bytes: a group whose inputs over this rank's windows fit in this many bytes
+            keeps them from the amax pass and builds its Hessians from them (one layer pass fewer,
+            same sums); larger inputs are recomputed by a second pass.
     """
     config = config or GPTQConfig()
     distributed = _dist_active(process_group)
@@ -542,6 +563,7 @@ def refine_model(
                 "held-out sets (e.g. 3:1), or pass gptq=False"
             )
         hidden = [w[0].args[0] for w in windows]
+        n_tokens = sum(h.shape[:-1].numel() for h in hidden)
         if distributed:
             import torch.distributed as dist
 
@@ -560,14 +582,21 @@ def refine_model(
                 fmt = formats[group[0]]
                 stats = _GroupStats(step.split)
                 igs = None
+                kept = False
                 if _static_activation_scale(fmt):  # amax first, then quantize with it
+                    n_in = step.linears[group[0]].in_features
+                    kept = n_tokens * n_in * hidden[0].element_size() <= max_kept_input_bytes
+                    stats.kept = [] if kept else None
                     step.run_group_pass(group, stats.observe_amax)
                     if distributed:
                         (stats.amax,) = _all_reduce([stats.amax], "max", process_group)
                     igs = fmt.calibrate_input_global_scale(stats.amax)
                     stats.track_amax_in_hessian_pass = False
                 stats.quantize_input = _input_quantizer(fmt, igs)
-                step.run_group_pass(group, stats.accumulate)
+                if kept:
+                    stats.accumulate_kept()
+                else:
+                    step.run_group_pass(group, stats.accumulate)
                 H_fit, H_held, n_fit, n_held = _reduced_hessians(stats, step, group, device, distributed, process_group)
                 if keep_hessians:
                     out.hessians[tuple(group)] = {

@@ -378,3 +378,18 @@ def test_fp8_gptq_is_gated_and_bf16_models_work():
         err = output_error(W, fp8.unpack(out.packed[name]), h["heldout"] / h["n_heldout"])
         assert err == pytest.approx(d.heldout_chosen, rel=1e-12)
     assert sum(d.method == "gptq" for d in out.decisions.values()) >= 1
+
+
+def test_kept_inputs_give_the_same_hessians_and_decisions_as_a_second_pass(refined):
+    """Building the Hessians from the inputs the amax pass kept == running the group a second time."""
+    model, plan, out, _ = refined
+    fit, held = _windows()
+    again = refine_model(model, plan, fit, held, config=CONFIG, keep_hessians=True, max_kept_input_bytes=0)
+    assert again.hessians.keys() == out.hessians.keys()
+    for group, h in out.hessians.items():
+        assert torch.equal(again.hessians[group]["fit"], h["fit"]) and torch.equal(again.hessians[group]["heldout"], h["heldout"])
+        assert again.hessians[group]["n_fit"] == h["n_fit"] > 0
+    assert again.input_amax == out.input_amax
+    for name, tensors in out.packed.items():
+        for key, t in tensors.items():
+            assert torch.equal(again.packed[name][key].view(torch.uint8), t.view(torch.uint8)), (name, key)
