@@ -357,21 +357,21 @@ class LayerStreamer:
     def _slot_by_key(self) -> dict[str, _Slot]:
         return {s.key: s for slots in self.slots for s in slots}
 
-    # ---- hooks ----------------------------------------------------------------------------
-    def _pre_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.load(i)
+    # ---- hooks (picklable: a model with a streamer survives ddp_spawn) --------------------
+    def _pre_hook(self, i: int) -> _LoadBeforeForward:
+        return _LoadBeforeForward(self, i)
 
-        return hook
+    def _post_hook(self, i: int) -> _LoadBeforeBackward:
+        return _LoadBeforeBackward(self, i)
 
-    def _post_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
-                # reload the layer as soon as its backward pass starts (before hooks inside it run)
-                out.register_hook(lambda grad: self.load(i))
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _storage_of={})
 
-        return hook
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for i in self._resident:  # storages are new in this process
+            for s in self.slots[i]:
+                self._storage_of[getattr(s.module, s.attr).untyped_storage().data_ptr()] = s
 
     def _pack(self, t: torch.Tensor) -> Any:
         if t.device.type == "meta" or not self._storage_of:
@@ -403,6 +403,26 @@ class LayerStreamer:
     def state_keys(self) -> list[str]:
         """Every ``state_dict`` key of the model as it was before streaming, in order."""
         return list(self._state_keys)
+
+
+class _LoadBeforeForward:
+    def __init__(self, streamer: LayerStreamer, layer: int) -> None:
+        self.streamer, self.layer = streamer, layer
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.streamer.load(self.layer)
+
+
+class _LoadBeforeBackward(_LoadBeforeForward):
+    """Reload the layer as soon as its backward pass starts (before gradient hooks inside it run)."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:  # type: ignore[override]
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._on_grad)
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        self.streamer.load(self.layer)
 
 
 # ---- helpers for the users of a model -----------------------------------------------------------

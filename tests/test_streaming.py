@@ -191,3 +191,27 @@ def test_bad_input_is_a_clear_error(saved_llama, tmp_path):
         CausalLM(model="model.gguf", probe_only=True, memory_cap_gb=1.0)
     with pytest.raises(KeyError, match="not in the weight store"):
         LayerStreamer(copy.deepcopy(model), HostWeights({}))
+
+
+@pytest.mark.distributed
+def test_probe_streamed_under_ddp_equals_one_process(saved_llama, tmp_path):
+    """Two ddp_spawn processes, each streaming the layers from disk, give the one-process sums."""
+    from pq_lightning.sensitivity import load_sensitivity
+
+    model, folder, cap_gb = saved_llama
+    gen = torch.Generator().manual_seed(5)
+    data = [{"input_ids": torch.randint(4, 128, (12,), generator=gen)} for _ in range(4)]
+    single = FisherProbe(output_path=str(tmp_path / "single.safetensors"), output_error_tokens=None)
+    quiet_trainer([single]).fit(CausalLM.from_model(copy.deepcopy(model), probe_only=True), DataLoader(data, batch_size=2))
+    path = tmp_path / "ddp.safetensors"
+    probe = FisherProbe(output_path=str(path), output_error_tokens=None)
+    module = CausalLM(model=str(folder), dtype="float32", probe_only=True, memory_cap_gb=cap_gb)
+    quiet_trainer([probe], devices=2, strategy="ddp_spawn").fit(module, DataLoader(data, batch_size=1))
+    ddp = load_sensitivity(path, model_fingerprint=model_fingerprint(model))
+    assert ddp.meta["world_size"] == 2 and ddp.n_tokens == single.sensitivity.n_tokens == 4 * 11
+    for name, a in single.sensitivity.linears.items():
+        b = ddp[name]
+        assert abs(b.h_trace - a.h_trace) <= 1e-6 * abs(a.h_trace), name
+        assert torch.allclose(b.diag_out, a.diag_out, rtol=1e-6) and torch.allclose(b.diag_in, a.diag_in, rtol=1e-6)
+        for f, v in a.output_error.items():
+            assert abs(b.output_error[f] - v) <= 1e-6 * abs(v), (name, f)
