@@ -49,9 +49,13 @@ Gate (:func:`refine_nvfp4`, :func:`refine_fp8`)
     returned bit for bit.
 
 Numerics: weights and the column loop in fp32, the inverse Hessian in fp64, output errors in
-fp64. Device-agnostic (everything runs on ``W``'s device); on CUDA the lazy block update is a
-Triton kernel (:mod:`pq_lightning.kernels.gptq_triton`, off with ``PQ_TRITON=0``). NaN or Inf in ``W`` or ``H`` raises
-:class:`~pq_lightning.formats.NonFiniteTensorError`. Hessians are not checked per batch in
+fp64 (:func:`output_errors` scores every candidate under the fit and held-out Hessians in one pass,
+from the upper block triangle of each ``H``: about half the products of ``(ΔW @ H) ⊙ ΔW``). The
+column loop and the sweep round with a table lookup that is bit for bit
+:func:`~pq_lightning.formats.e2m1.e2m1_codes` (fewer tensor ops per column). Device-agnostic
+(everything runs on ``W``'s device); on CUDA the lazy block update is a Triton kernel
+(:mod:`pq_lightning.kernels.gptq_triton`, off with ``PQ_TRITON=0``). NaN or Inf in ``W`` or ``H``
+raises :class:`~pq_lightning.formats.NonFiniteTensorError`. Hessians are not checked per batch in
 :func:`accumulate_hessian` (that would synchronise the device); a non-finite input shows up as a
 non-finite ``H`` and is reported when ``H`` is used.
 """
@@ -80,13 +84,17 @@ __all__ = [
     "group_output_error",
     "inverse_hessian_factor",
     "output_error",
+    "output_errors",
     "refine_fp8",
     "refine_nvfp4",
     "scale_sweep_nvfp4",
 ]
 
-#: Rows per chunk when computing output errors (bounds the fp64 temporaries).
-_ERROR_ROW_CHUNK = 1024
+#: fp64 elements of stacked ``ΔW`` rows per chunk when computing output errors (bounds the temporaries).
+_ERROR_CHUNK_ELEMS = 1 << 22
+#: Column block of the symmetric output-error sum and of the triangular inverse. A multiple of 48:
+#: MKL runs power-of-two widths of these strided panels markedly slower.
+_PANEL = 192
 
 
 # ---- Hessian ------------------------------------------------------------------------------------
@@ -137,7 +145,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     """
     if not (damp >= 0 and math.isfinite(damp)):
         raise ValueError(f"damping must be a finite number >= 0, got {damp}")
-    Hd = H.double().clone()
+    Hd = H.to(torch.float64, copy=True)
     diag = torch.diagonal(Hd)
     dead = diag == 0
     lam = damp * float(diag.mean()) if diag.numel() else 0.0
@@ -151,32 +159,51 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
             f"the damped Hessian is not positive definite (damping {damp} × mean diag); "
             "use a larger damping or check that the Hessian is a sum of xᵀx"
         )
-    eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
-    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    U = _lower_inverse(L).float().flip(0, 1)
     if bool(dead.any()):
         keep = torch.diagonal(U).clone()
         U[dead, :] = 0.0
         U[:, dead] = 0.0
         idx = dead.nonzero().squeeze(1)
         U[idx, idx] = keep[idx]
-    return U.float(), dead
+    return U, dead
+
+
+def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L``, one column panel at a time.
+
+    Column panel ``J`` of ``L⁻¹`` is zero above its diagonal block, so it solves only the trailing
+    system ``L[j0:, j0:] X = I[j0:, J]``: about a third of the work of one triangular solve
+    against the whole identity (a triangular solve cannot skip the identity's zeros).
+    """
+    n = L.shape[0]
+    Linv = torch.zeros_like(L)
+    for j0 in range(0, n, _PANEL):
+        j1 = min(j0 + _PANEL, n)
+        rhs = torch.zeros(n - j0, j1 - j0, dtype=L.dtype, device=L.device)
+        rhs.diagonal().fill_(1.0)
+        Linv[j0:, j0:j1] = torch.linalg.solve_triangular(L[j0:, j0:], rhs, upper=False)
+    return Linv
 
 
 # ---- the column loop ----------------------------------------------------------------------------
-RoundColumn = Callable[[int, torch.Tensor, int], torch.Tensor]
+RoundColumn = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def _gptq_loop(WT: torch.Tensor, U: torch.Tensor, block_size: int, round_column: RoundColumn) -> torch.Tensor:
+def _gptq_loop(
+    WT: torch.Tensor, U: Sequence[torch.Tensor], block_size: int, round_column: RoundColumn
+) -> torch.Tensor:
     """GPTQ with lazy block updates on a batch of *transposed* weights; returns ``Ŵᵀ`` ``[B, in, out]``.
 
     ``WT`` is ``[B, in, out]``: ``B`` candidates solved together (``Wᵀ`` each, modified in place),
-    each with its own inverse-Hessian factor ``U[b]`` (``[B, in, in]``), e.g. several dampings or
-    group scales of one Linear. On a CPU the loop is bound by per-column overhead, so ``B``
+    each with its own inverse-Hessian factor ``U[b]`` (``[in, in]``; candidates may share one),
+    e.g. several dampings or group scales of one Linear. On a CPU the loop is bound by per-column overhead, so ``B``
     candidates cost little more than one. Each column of ``W`` is a contiguous row of ``WT[b]``;
     the rank-1 update is ``addcmul_`` (bit-identical to ``addr_`` of one candidate) and the block
     update one ``addmm_`` per candidate, so every candidate's result is bit-identical to solving it
-    alone. ``round_column(j, block, i)`` rounds column ``j`` of every candidate (row ``i`` of the
-    current, error-updated ``block`` ``[B, rows, out]``) and returns the dequantised values ``[B, out]``.
+    alone. ``round_column(j, w, q)`` rounds column ``j`` of every candidate (``w`` ``[B, out]``: its
+    current, error-updated values; the next 15 columns of a 16-aligned group follow it in memory)
+    and writes the dequantised values into ``q`` ``[B, out]``.
     """
     B, n, _ = WT.shape
     W_hat = torch.empty_like(WT)
@@ -184,19 +211,20 @@ def _gptq_loop(WT: torch.Tensor, U: torch.Tensor, block_size: int, round_column:
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = WT[:, i1:i2].clone()
-        U1 = U[:, i1:i2, i1:i2]
+        U1 = torch.stack([u[i1:i2, i1:i2] for u in U])
         E1 = torch.empty_like(W1)
+        cols, errs, qs = W1.unbind(1), E1.unbind(1), W_hat[:, i1:i2].unbind(1)
+        diag = U1.diagonal(dim1=1, dim2=2).T.unsqueeze(2)  # [rows, B, 1]
         for i in range(i2 - i1):
-            q = round_column(i1 + i, W1, i)
-            W_hat[:, i1 + i] = q
-            err = E1[:, i]
-            torch.sub(W1[:, i], q, out=err)
-            err.div_(U1[:, i, i].unsqueeze(1))
+            q, err = qs[i], errs[i]
+            round_column(i1 + i, cols[i], q)
+            torch.sub(cols[i], q, out=err)
+            err.div_(diag[i])
             if i + 1 < i2 - i1:
                 W1[:, i + 1 :].addcmul_(U1[:, i, i + 1 :].unsqueeze(2), err.unsqueeze(1), value=-1.0)
         if i2 < n:
             for b in range(B):
-                _block_update_(WT[b, i2:], U[b, i1:i2, i2:], E1[b], use_triton)
+                _block_update_(WT[b, i2:], U[b][i1:i2, i2:], E1[b], use_triton)
     return W_hat
 
 
@@ -318,7 +346,7 @@ def gptq_nvfp4_candidates(
             runnable.append(k)
     for c0 in range(0, len(runnable), max_batch):
         batch = runnable[c0 : c0 + max_batch]
-        U = torch.stack([factors[candidates[k][0]] for k in batch])
+        U = [factors[candidates[k][0]] for k in batch]
         solved = _nvfp4_loop(Wf, U, gs, [scales_in[k] for k in batch], block_size)
         for k, (codes, scales, W_hat) in zip(batch, solved, strict=True):
             if act_order:
@@ -329,33 +357,98 @@ def gptq_nvfp4_candidates(
     return results  # type: ignore[return-value]
 
 
+class _E2M1Lut:
+    """E2M1 rounding in a few tensor ops, bit for bit :func:`~pq_lightning.formats.e2m1.e2m1_codes`.
+
+    With ``t = 8|x|`` (exact), the key ``⌊t⌋ + ⌈t⌉`` is ``2k + 1`` inside ``(k/8, (k+1)/8)`` and
+    ``2k`` at ``|x| = k/8``; every rounding boundary (0.25, 0.75, … 5) is a multiple of 1/8, so the key
+    tells on which side of each boundary ``|x|`` lies, ties included, and tables give the code's
+    magnitude index and value. Keys above ``2·48`` (``|x| > 6``, ``inf`` included) are clamped: they
+    all round to the largest magnitude. The sign bit is the sign of ``x`` (``-0`` included).
+    """
+
+    KEY_MAX = 97
+    #: (boundary, whether |x| == boundary rounds up): e2m1_codes' comparisons
+    _BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+    def __init__(self, device: torch.device) -> None:
+        keys = [key / 16 for key in range(self.KEY_MAX + 1)]  # a representative |x| per key
+        idx = torch.tensor([sum((a > b) or (a == b and up) for b, up in self._BOUNDS) for a in keys])
+        self.index = idx.to(device=device, dtype=torch.uint8)
+        self.magnitude = e2m1_decode(idx.to(torch.uint8)).to(device)
+
+    def key(self, t: torch.Tensor) -> torch.Tensor:
+        """The key of ``t = 8x`` (fp32), as fp32 in ``[0, KEY_MAX]``; ``t`` must hold no NaN."""
+        a = t.abs()
+        return torch.floor(a).add_(a.ceil_()).clamp_max_(self.KEY_MAX)
+
+    def codes(self, key: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """uint8 codes from integer-valued keys (any dtype) and the sign bits of ``x``."""
+        return self.index[key.long()] | (negative.to(torch.uint8) << 3)
+
+
+def _eighth_is_exact(gs: torch.Tensor, smallest_scale: float) -> bool:
+    """Whether every ``eff = scale / gs`` (``scale >= smallest_scale``) divided by 8 is exact in fp32,
+    i.e. ``w / (eff / 8) == 8 · (w / eff)`` bit for bit (``eff / 8`` stays a normal number)."""
+    if not smallest_scale > 0:
+        return False
+    g = float(gs.reshape(-1)[0])
+    eff_min = float(torch.tensor(smallest_scale, dtype=torch.float32) / torch.tensor(g, dtype=torch.float32))
+    return math.isfinite(g) and g > 0 and eff_min >= 2.0**-123
+
+
+_FP8_MIN_SCALE = 2.0**-9  # the least positive float8_e4m3fn value (fp8_group_scales never gives 0)
+
+
 def _nvfp4_loop(
-    Wf: torch.Tensor, U: torch.Tensor, gs: torch.Tensor, scales: Sequence[torch.Tensor | None], block_size: int
+    Wf: torch.Tensor,
+    U: Sequence[torch.Tensor],
+    gs: torch.Tensor,
+    scales: Sequence[torch.Tensor | None],
+    block_size: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One batched column loop: per candidate ``(codes [out, in], scales [out, groups], w_hat)``."""
     out, n = Wf.shape
-    B, n_groups = U.shape[0], n // GROUP_SIZE
+    B, n_groups = len(U), n // GROUP_SIZE
     codes_t = torch.empty(B, n, out, dtype=torch.uint8, device=Wf.device)
     scales_t = torch.empty(B, n_groups, out, dtype=torch.float8_e4m3fn, device=Wf.device)
     for b, s in enumerate(scales):
         if s is not None:
             scales_t[b] = s.T
-    dynamic = torch.tensor([s is None for s in scales], device=Wf.device).nonzero().squeeze(1)
+    dyn = [b for b, s in enumerate(scales) if s is None]
+    dynamic = torch.tensor(dyn, dtype=torch.int64, device=Wf.device)
+    smallest = min([_FP8_MIN_SCALE] * bool(dyn) + [float(s.float().min()) for s in scales if s is not None])
+    fast = _eighth_is_exact(gs, smallest)
     eff = torch.empty(B, out, dtype=torch.float32, device=Wf.device)
+    eff8 = torch.empty_like(eff)
+    t = torch.empty_like(eff)
+    lut = _E2M1Lut(Wf.device)
 
-    def round_column(j: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+    def round_column(j: int, w: torch.Tensor, q: torch.Tensor) -> None:
         g = j // GROUP_SIZE
         if j % GROUP_SIZE == 0:
-            if dynamic.numel():
-                amax = W1[dynamic, i : i + GROUP_SIZE].abs().amax(1)
+            if dyn:
+                # w is row i of the block [B, rows, out]: the group's 16 columns follow it
+                group = w.as_strided((B, GROUP_SIZE, out), (w.stride(0), out, 1))
+                amax = group[dynamic].abs().amax(1)
                 scales_t[dynamic, g] = fp8_group_scales(amax, gs)
-            eff.copy_(scales_t[:, g].float() / gs)
-        c = e2m1_codes(W1[:, i] / eff)
-        codes_t[:, j] = c
-        return e2m1_decode(c) * eff
+            torch.div(scales_t[:, g].float(), gs, out=eff)
+            torch.mul(eff, 0.125, out=eff8)
+        if fast:  # t = w / (eff / 8) = 8 (w / eff) exactly; the code's sign bit is added after the loop
+            torch.div(w, eff8, out=t)
+            key = lut.key(t)
+            codes_t[:, j] = key
+            torch.copysign(lut.magnitude[key.long()], t, out=q)
+            q.mul_(eff)
+        else:  # the reference rounding (e.g. a zero scale given: w / 0)
+            c = e2m1_codes(w / eff)
+            codes_t[:, j] = c
+            torch.mul(e2m1_decode(c), eff, out=q)
 
     WT = Wf.T.unsqueeze(0).repeat(B, 1, 1)
     W_hat = _gptq_loop(WT, U, block_size, round_column)
+    if fast:  # keys -> codes; q = ±|v|·eff carries the sign of w / eff exactly, -0 included
+        codes_t = lut.codes(codes_t, torch.signbit(W_hat))
     return [(codes_t[b].T, scales_t[b].T, W_hat[b].T) for b in range(B)]
 
 
@@ -404,16 +497,28 @@ def scale_sweep_nvfp4(
     if any(not (m > 0 and math.isfinite(m)) for m in mults):
         raise ValueError(f"scale sweep multipliers must be finite and > 0, got {tuple(grid)}")
     gs = global_scale.detach().float().reshape(1).to(Wf.device)
-    Wg = Wf.unflatten(-1, (-1, GROUP_SIZE))
-    amax = Wg.abs().amax(-1)
+    # group-major layout [G, out, 16]: every multiplier's error is one batched product with H_gg
+    WgT = Wf.unflatten(-1, (-1, GROUP_SIZE)).transpose(0, 1).contiguous()
+    Wg64 = WgT.double()
+    amax = WgT.abs().amax(-1)  # [G, out]
     Hb = _diag_blocks(H.double())
+    lut = _E2M1Lut(Wf.device)
+    fast = _eighth_is_exact(gs, _FP8_MIN_SCALE)
 
     best_scale = best_codes = best_err = None
     for m in mults:
         s = fp8_group_scales(amax * m if m != 1.0 else amax, gs)
         e = (s.float() / gs).unsqueeze(-1)
-        c = e2m1_codes(Wg / e)
-        err = _group_error(Wf, (e2m1_decode(c) * e).flatten(-2), Hb)
+        if fast:  # the key stands for the code (its sign is w's), see _nvfp4_loop
+            t = WgT / (e * 0.125)
+            c = lut.key(t)
+            q = torch.copysign(lut.magnitude[c.long()], t).mul_(e)
+        else:
+            c = e2m1_codes(WgT / e)
+            q = e2m1_decode(c) * e
+        d = q.double().sub_(Wg64)
+        err = (torch.bmm(d, Hb) * d).sum(-1)  # [G, out], as _group_error
+        c = c.to(torch.uint8)
         if best_err is None:
             best_scale, best_codes, best_err = s, c, err
             continue
@@ -421,8 +526,10 @@ def scale_sweep_nvfp4(
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, s, best_scale)
         best_codes = torch.where(better.unsqueeze(-1), c, best_codes)
+    if fast:
+        best_codes = lut.codes(best_codes, torch.signbit(WgT))
     return NVFP4Weight(
-        codes=best_codes.flatten(-2).contiguous(), scale=best_scale.contiguous(), global_scale=gs
+        codes=best_codes.transpose(0, 1).flatten(-2).contiguous(), scale=best_scale.T.contiguous(), global_scale=gs
     )
 
 
@@ -455,12 +562,12 @@ def gptq_fp8(
     U, _ = inverse_hessian_factor(H, damp)
     q8_t = torch.empty(Wf.shape[1], Wf.shape[0], dtype=torch.float8_e4m3fn, device=Wf.device)
 
-    def round_column(j: int, W1: torch.Tensor, i: int) -> torch.Tensor:
-        c = fp8_round(W1[0, i] / s_col)
+    def round_column(j: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        c = fp8_round(w[0] / s_col)
         q8_t[j] = c
-        return (c.float() * s_col).unsqueeze(0)
+        torch.mul(c.float(), s_col, out=q[0])
 
-    _gptq_loop(Wf.T.contiguous().unsqueeze(0), U.unsqueeze(0), block_size, round_column)
+    _gptq_loop(Wf.T.contiguous().unsqueeze(0), [U], block_size, round_column)
     q8 = q8_t.T
     if act_order:
         q8 = q8[:, torch.argsort(perm)]
@@ -473,12 +580,96 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     """``tr(ΔW H ΔWᵀ)`` with ``ΔW = Ŵ − W``, computed in fp64 (row chunks bound the memory)."""
     if W.shape != W_hat.shape:
         raise ValueError(f"output_error: W is {tuple(W.shape)} but W_hat is {tuple(W_hat.shape)}")
-    Hd = H.detach().to(W.device).double()
-    total = torch.zeros((), dtype=torch.float64, device=W.device)
-    for r in range(0, W.shape[0], _ERROR_ROW_CHUNK):
-        d = W_hat[r : r + _ERROR_ROW_CHUNK].detach().double() - W[r : r + _ERROR_ROW_CHUNK].detach().double()
-        total += ((d @ Hd) * d).sum()
-    return float(total)
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"output_error: H must be [{W.shape[1]}, {W.shape[1]}], got {tuple(H.shape)}")
+    return float(output_errors(W, [W_hat], [H])[0, 0])
+
+
+def _symmetric_panels(Hs: Sequence[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """Per column block ``J = [j0, j1)``: the fp64 panel ``[j1, len(Hs)·(j1 − j0)]`` holding, for
+    each ``H`` side by side, rows ``< j0`` as ``H[:j0, J] + H[J, :j0]ᵀ`` (each pair of mirrored
+    blocks counted once) and rows ``J`` as the diagonal block ``H[J, J]``. Then
+    ``Σ_J sum((ΔW[:, :j1] @ panel_J) ⊙ ΔW[:, J]) = tr(ΔW H ΔWᵀ)`` exactly in real arithmetic, for any
+    (even not exactly symmetric) ``H``, with about half the products of ``(ΔW @ H) ⊙ ΔW``.
+    """
+    Hd = [H.double() for H in Hs]
+    n = Hd[0].shape[0]
+    panels = []
+    for j0 in range(0, n, _PANEL):
+        j1 = min(j0 + _PANEL, n)
+        parts = []
+        for h in Hd:
+            p = h[:j1, j0:j1].clone()
+            p[:j0] += h[j0:j1, :j0].T  # fp32 entries: the fp64 sum is exact
+            parts.append(p)
+        panels.append((j0, j1, torch.cat(parts, 1)))
+    return panels
+
+
+@torch.no_grad()
+def output_errors(W: torch.Tensor, W_hats: Sequence[torch.Tensor], Hs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``tr(ΔW H ΔWᵀ)`` of every ``Ŵ`` in ``W_hats`` under every ``H`` in ``Hs``: fp64 ``[len(W_hats), len(Hs)]``.
+
+    One pass for all of them: the ``ΔW`` rows of several candidates are stacked into one fp64
+    product per column block against all the Hessians side by side, and only the upper block
+    triangle of each ``H`` is used (:func:`_symmetric_panels`), so the cost is about half of one
+    ``ΔW @ H`` per candidate and Hessian. Candidates equal bit for bit to an earlier one get its
+    errors (so exact ties stay exact ties). Agrees with the plain ``sum((ΔW @ H) ⊙ ΔW)`` in fp64 up
+    to the order of the fp64 sums.
+    """
+    out, n = W.shape
+    if not Hs:
+        raise ValueError("output_errors needs at least one Hessian")
+    for k, W_hat in enumerate(W_hats):
+        if W_hat.shape != W.shape:
+            raise ValueError(f"output_errors: W is {tuple(W.shape)} but W_hats[{k}] is {tuple(W_hat.shape)}")
+    for H in Hs:
+        if H.shape != (n, n):
+            raise ValueError(f"output_errors: every H must be [{n}, {n}], got {tuple(H.shape)}")
+    Wf = W.detach()
+    totals = torch.zeros(len(W_hats), len(Hs), dtype=torch.float64, device=W.device)
+    same_as: dict[int, int] = {}
+    todo: list[int] = []
+    for k, W_hat in enumerate(W_hats):
+        twin = next((t for t in todo if torch.equal(W_hats[t], W_hat)), None)
+        if twin is None:
+            todo.append(k)
+        else:
+            same_as[k] = twin
+    if todo and out and n:
+        panels = _symmetric_panels([H.detach().to(W.device) for H in Hs])
+        Wd = Wf.double()
+        rows = max(1, _ERROR_CHUNK_ELEMS // n)
+        chunk: list[tuple[int, int, int]] = []
+        pieces = [(k, r0, min(r0 + rows, out)) for k in todo for r0 in range(0, out, rows)]
+        for i, piece in enumerate(pieces):
+            chunk.append(piece)
+            if i + 1 == len(pieces) or sum(r1 - r0 for _, r0, r1 in chunk) + (pieces[i + 1][2] - pieces[i + 1][1]) > rows:
+                _chunk_errors(Wd, W_hats, chunk, panels, len(Hs), totals)
+                chunk = []
+    for k, twin in same_as.items():
+        totals[k] = totals[twin]
+    return totals
+
+
+def _chunk_errors(
+    Wd: torch.Tensor,
+    W_hats: Sequence[torch.Tensor],
+    chunk: Sequence[tuple[int, int, int]],
+    panels: Sequence[tuple[int, int, torch.Tensor]],
+    n_h: int,
+    totals: torch.Tensor,
+) -> None:
+    """Adds the errors of the stacked row ranges ``chunk`` (``(candidate, r0, r1)``) to ``totals``."""
+    D = torch.cat([W_hats[k][r0:r1].detach().to(Wd.device).double() - Wd[r0:r1] for k, r0, r1 in chunk])
+    acc = torch.zeros(D.shape[0], n_h, dtype=torch.float64, device=D.device)
+    for j0, j1, panel in panels:
+        P = (D[:, :j1] @ panel).view(D.shape[0], n_h, j1 - j0)
+        acc += (P * D[:, None, j0:j1]).sum(-1)
+    r = 0
+    for k, r0, r1 in chunk:
+        totals[k] += acc[r : r + r1 - r0].sum(0)
+        r += r1 - r0
 
 
 # ---- refine + gate ------------------------------------------------------------------------------
@@ -553,37 +744,34 @@ class RefineResult:
 
 
 class _Candidates:
-    """Collects candidates with their fit and held-out errors, then applies the RTN gate."""
+    """Collects candidates, scores them all in one pass (:func:`output_errors`), applies the RTN gate."""
 
     def __init__(self, W: torch.Tensor, H_fit: torch.Tensor, H_heldout: torch.Tensor) -> None:
         self.W, self.H_fit, self.H_heldout = W, H_fit, H_heldout
         self.items: list[tuple[str, float | None, object, torch.Tensor]] = []
-        self.errors: dict[str, CandidateError] = {}
         self.failed: dict[str, str] = {}
 
-    def add(self, method: str, damp: float | None, quantized: object, w_hat: torch.Tensor) -> float:
-        key = method if damp is None else f"{method}@{damp:g}"
-        self.errors[key] = CandidateError(
-            fit=output_error(self.W, w_hat, self.H_fit), heldout=output_error(self.W, w_hat, self.H_heldout)
-        )
+    def add(self, method: str, damp: float | None, quantized: object, w_hat: torch.Tensor) -> None:
         self.items.append((method, damp, quantized, w_hat))
-        return self.errors[key].heldout
 
     def choose(self) -> RefineResult:
         """The least held-out error among candidates, kept only when strictly below RTN's."""
-        best = self.items[0]  # RTN, always added first
-        best_err = self.errors["rtn"].heldout
-        for item in self.items[1:]:
-            e = self.errors[item[0] if item[1] is None else f"{item[0]}@{item[1]:g}"].heldout
-            if e < best_err:
-                best, best_err = item, e
+        errs = output_errors(self.W, [item[3] for item in self.items], [self.H_fit, self.H_heldout]).tolist()
+        errors = {
+            (m if d is None else f"{m}@{d:g}"): CandidateError(fit=e[0], heldout=e[1])
+            for (m, d, _, _), e in zip(self.items, errs, strict=True)
+        }
+        best, best_err = self.items[0], errs[0][1]  # RTN, always added first
+        for item, e in zip(self.items[1:], errs[1:], strict=True):
+            if e[1] < best_err:
+                best, best_err = item, e[1]
         method, damp, quantized, w_hat = best
         return RefineResult(
             quantized=quantized,
             w_hat=w_hat,
             method=method,
             damp=damp,
-            candidates=self.errors,
+            candidates=errors,
             failed=self.failed,
         )
 

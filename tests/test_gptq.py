@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pq_lightning import gptq as gptq_mod
 from pq_lightning.formats import NonFiniteTensorError, get_format
 from pq_lightning.formats.e2m1 import e2m1_codes, e2m1_decode
 from pq_lightning.formats.fp8 import fp8_round
@@ -18,6 +19,7 @@ from pq_lightning.gptq import (
     group_output_error,
     inverse_hessian_factor,
     output_error,
+    output_errors,
     refine_fp8,
     refine_nvfp4,
     scale_sweep_nvfp4,
@@ -92,6 +94,75 @@ def test_output_error_is_the_token_sum_of_squared_output_errors():
     W_hat = NVFP4.fake_quant(W)
     ref = float((((W_hat.double() - W.double()) @ x.double().T) ** 2).sum())
     assert output_error(W, W_hat, H) == pytest.approx(ref, rel=1e-5)
+
+
+def test_output_errors_batch_equals_plain_fp64_traces(monkeypatch):
+    """Every candidate under every Hessian, several column panels and row chunks (some spanning
+    two candidates), an H that is not exactly symmetric: the plain fp64 sum((ΔW @ H) ⊙ ΔW)."""
+    torch.manual_seed(6)
+    out, n = 37, 400  # 400 columns: three panels of the symmetric sum
+    W = torch.randn(out, n)
+    x = torch.randn(300, n) @ torch.randn(n, n) / n**0.5
+    H1 = accumulate_hessian(None, x, 0)[0]
+    H2 = H1 + 1e-3 * torch.randn(n, n)  # not symmetric
+    W_hats = [NVFP4.fake_quant(W), W + 0.01 * torch.randn(out, n), NVFP4.fake_quant(W), W.clone()]
+    monkeypatch.setattr(gptq_mod, "_ERROR_CHUNK_ELEMS", 16 * n)  # 16-row chunks: 37 rows straddle them
+    got = output_errors(W, W_hats, [H1, H2])
+    assert got.shape == (4, 2) and got.dtype == torch.float64
+    for k, W_hat in enumerate(W_hats):
+        d = W_hat.double() - W.double()
+        for h, H in enumerate((H1, H2)):
+            ref = float(((d @ H.double()) * d).sum())
+            assert float(got[k, h]) == pytest.approx(ref, rel=1e-12, abs=1e-300)
+    assert torch.equal(got[0], got[2])  # equal candidates, equal errors (exact ties stay ties)
+    assert float(got[3].abs().max()) == 0.0
+    assert output_error(W, W_hats[1], H2) == pytest.approx(float(got[1, 1]), rel=1e-12)
+
+
+def test_fast_e2m1_rounding_is_bit_identical_to_e2m1_codes():
+    """The key/table rounding used by the column loop and the sweep, on boundaries, their
+    neighbours, signed zeros, infinities and random values."""
+    b = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 3.0, 4.0])
+    up, down = torch.nextafter(b, torch.tensor(100.0)), torch.nextafter(b, torch.tensor(-100.0))
+    edge = torch.cat([b, up, down, torch.arange(-60, 61) / 8, torch.tensor([0.0, 7.0, 1e-45, 3e38, float("inf")])])
+    x = torch.cat([edge, -edge, torch.randn(100_000) * 3, torch.randn(1000) * 1e-3])
+    lut = gptq_mod._E2M1Lut(x.device)
+    key = lut.key(8 * x)
+    assert torch.equal(lut.codes(key, torch.signbit(x)), e2m1_codes(x))
+    v = torch.copysign(lut.magnitude[key.long()], x)
+    assert torch.equal(v.view(torch.int32), e2m1_decode(e2m1_codes(x)).view(torch.int32))  # -0 included
+
+
+def test_gptq_and_sweep_fall_back_to_the_reference_rounding_for_extreme_global_scales():
+    """With a global scale so large that eff / 8 could leave fp32's normal range, the column loop
+    and the sweep use e2m1_codes itself; results still match the plain loop / RTN rules."""
+    torch.manual_seed(7)
+    W = torch.randn(4, 32)
+    x = torch.randn(64, 32) @ torch.randn(32, 32)
+    H, _ = accumulate_hessian(None, x, 0)
+    for gs in (NVFP4.global_scale(W), torch.tensor([2.0**118])):
+        assert gptq_mod._eighth_is_exact(gs, 2.0**-9) == (float(gs) < 2.0**100)
+        codes, scales = _plain_gptq_nvfp4(W, H, gs, damp=0.01)
+        q = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=16)
+        assert torch.equal(q.codes, codes)
+        assert torch.equal(q.scale.view(torch.uint8), scales.view(torch.uint8))
+        sw = scale_sweep_nvfp4(W, H, global_scale=gs)
+        assert torch.equal(NVFP4.quantize(W, global_scale=gs, scale=sw.scale).codes, sw.codes)
+
+
+def test_signed_zero_weights_keep_their_code_sign():
+    """Exact ±0 weights (no feedback under a diagonal Hessian) get RTN's codes, sign bit included."""
+    torch.manual_seed(8)
+    W = torch.randn(OUT, IN)
+    W[0, :5] = -0.0
+    W[1, :5] = 0.0
+    gs = NVFP4.global_scale(W)
+    rtn = NVFP4.quantize(W, global_scale=gs)
+    assert int((rtn.codes[0, :5] == 8).sum()) == 5  # RTN: -0 -> code 8
+    q = gptq_nvfp4(W, torch.diag(torch.rand(IN) + 0.1), global_scale=gs, damp=0.01)
+    assert _same_nvfp4(q, rtn)
+    sw = scale_sweep_nvfp4(W, torch.diag(torch.rand(IN) + 0.1), global_scale=gs)
+    assert torch.equal(NVFP4.quantize(W, global_scale=gs, scale=sw.scale).codes, sw.codes)
 
 
 def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse():
