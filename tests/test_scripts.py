@@ -304,3 +304,128 @@ def test_bench_vs_peers_target_checks_and_speed(peers_bench):
     assert peers_bench.speed_check(peers[1:], 80.0, None, 4)["verdict"] == "NOT CHECKED"
     lines = peers_bench.table_lines(peers + list(ours.values()))
     assert len(lines) == 2 + 7 and "not run: x" in lines[5] and lines[6].endswith("|")
+
+
+# ---- peers_modelopt.py / the ModelOpt row of bench_vs_peers.py ---------------------------------
+
+#: SmolLM2-135M: 30 decoder layers of q,o 576x576, k,v 192x576, gate,up 1536x576, down 576x1536;
+#: lm_head 49152x576 (tied to the embeddings)
+SMOL_N_BODY = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
+SMOL_N_LM_HEAD = 49152 * 576
+
+
+@pytest.fixture(scope="module")
+def modelopt_runner():
+    return _load("peers_modelopt")
+
+
+def test_modelopt_runner_imports_without_modelopt_or_pq_lightning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "modelopt", None)
+    monkeypatch.setitem(sys.modules, "pq_lightning", None)
+    mod = _load("peers_modelopt")
+    assert mod.MENU == {"NVFP4_DEFAULT_CFG": "nvfp4", "FP8_DEFAULT_CFG": "fp8"}
+    assert mod.effective_bits_for_body_bpp(6.0, 3, 1) == pytest.approx(8.5)
+    out = Path(os.devnull)
+    assert mod.main(["--model", "m", "--tokens", "t", "--target-bpp", "6", "--output", str(out)]) == 2
+
+
+def test_modelopt_effective_bits_conversion_by_hand(modelopt_runner):
+    assert (SMOL_N_BODY, SMOL_N_LM_HEAD) == (106_168_320, 28_311_552)
+    # lm_head is 4/19 of the weights ModelOpt counts: E = 6 * 15/19 + 16 * 4/19 = 154/19
+    e = modelopt_runner.effective_bits_for_body_bpp(6.0, SMOL_N_BODY, SMOL_N_LM_HEAD)
+    assert e == pytest.approx(154 / 19, rel=1e-12)
+    assert modelopt_runner.body_bpp_for_effective_bits(154 / 19, SMOL_N_BODY, SMOL_N_LM_HEAD) == pytest.approx(6.0)
+    assert modelopt_runner.effective_bits_for_body_bpp(4.5, 10, 0) == 4.5  # nothing outside the body
+    with pytest.raises(ValueError):
+        modelopt_runner.effective_bits_for_body_bpp(6.0, 0, 5)
+
+
+def test_modelopt_bits_accounting(modelopt_runner):
+    from pq_lightning.formats import get_format
+
+    for shape in ((576, 576), (192, 576), (576, 1536), (48, 32)):
+        for fmt in ("nvfp4", "fp8", "bf16"):
+            assert modelopt_runner.exact_bits(fmt, shape) == get_format(fmt).bits(shape), (fmt, shape)
+    shapes = {"a": (32, 64), "b": (16, 32), "lm_head": (100, 32)}
+    choice = {"a": "nvfp4", "b": "fp8", "lm_head": "bf16"}
+    # nominal: (4.5 * 2048 + 8 * 512) / 2560; exact: nvfp4 4 bits + 8 per 16 + 64 per Linear, fp8 + 32 per row
+    assert modelopt_runner.body_bpp(choice, shapes, ["a", "b"], exact=False) == pytest.approx(13312 / 2560)
+    exact = (2048 * 4 + 32 * 4 * 8 + 64) + (512 * 8 + 16 * 32)
+    assert modelopt_runner.body_bpp(choice, shapes, ["a", "b"]) == pytest.approx(exact / 2560)
+    with pytest.raises(KeyError):
+        modelopt_runner.body_bpp({"a": "nvfp4"}, shapes, ["a", "b"])
+    assert [modelopt_runner.format_of_bits(b) for b in (4.5, 8.0, 16.0)] == ["nvfp4", "fp8", "bf16"]
+    with pytest.raises(ValueError):
+        modelopt_runner.format_of_bits(6.0)
+    assert modelopt_runner.format_of_quantizer(True, (2, 1)) == "nvfp4"
+    assert modelopt_runner.format_of_quantizer(True, [4, 3]) == "fp8"
+    assert modelopt_runner.format_of_quantizer(False, (2, 1)) == "bf16"
+    with pytest.raises(ValueError):
+        modelopt_runner.format_of_quantizer(True, 8)
+
+
+def test_modelopt_runner_arguments(modelopt_runner):
+    a = modelopt_runner.parse_args(["--model", "m", "--tokens", "t.safetensors", "--target-bpp", "6", "--output", "o"])
+    assert (a.target_bpp, a.dtype, a.exact_bpp, a.body_names, a.num_score_steps, a.gguf_file) == (
+        6.0, "auto", True, None, None, None)
+    a = modelopt_runner.parse_args(["--model", "m.gguf", "--tokens", "t", "--target-bpp", "5.5", "--output", "o",
+                                    "--no-exact-bpp", "--num-score-steps", "3", "--threads", "1"])
+    assert (a.exact_bpp, a.num_score_steps, a.threads) == (False, 3, 1)
+    base = ["--model", "m", "--tokens", "t", "--output", "o"]
+    for bad in (["--target-bpp", "4"], ["--target-bpp", "17"], ["--target-bpp", "6", "--threads", "0"],
+                ["--target-bpp", "6", "--num-calib-steps", "0"], []):
+        with pytest.raises(SystemExit):
+            modelopt_runner.parse_args(base + bad)
+    assert modelopt_runner.BODY_RE.search("model.layers.3.mlp.down_proj")
+    assert not modelopt_runner.BODY_RE.search("lm_head")
+
+
+def test_bench_vs_peers_modelopt_arguments(peers_bench):
+    a = peers_bench.parse_args([])
+    assert (a.modelopt_bits, a.modelopt_python, a.modelopt_score_steps) == ([6.0], None, None)
+    a = peers_bench.parse_args(["--modelopt-bits", "none", "--recipes", "none", "--ours-bits", "6.0"])
+    assert a.modelopt_bits == [] and a.recipes == [] and a.ours_bits == [6.0]
+    assert peers_bench.parse_args(["--modelopt-bits", "5.5, 6"]).modelopt_bits == [5.5, 6.0]
+    for bad in (["--modelopt-bits", "six"], ["--modelopt-bits", "3"], ["--modelopt-score-steps", "0"]):
+        with pytest.raises(SystemExit):
+            peers_bench.parse_args(bad)
+    assert peers_bench.modelopt_recipe(6.0) == "modelopt" and peers_bench.modelopt_recipe(5.5) == "modelopt@5.5"
+
+
+def test_bench_vs_peers_find_modelopt_python_reports_a_missing_interpreter(peers_bench, tmp_path):
+    python, reason = peers_bench.find_modelopt_python(str(tmp_path / "no-python"), None)
+    assert python is None and "did not run" in reason and "--modelopt-python" in reason
+
+
+def test_bench_vs_peers_modelopt_plan(peers_bench):
+    body = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+    choice = {body[0]: "nvfp4", body[1]: "fp8", "lm_head": "bf16"}
+    assert peers_bench.modelopt_plan(choice, body) == {body[0]: "nvfp4", body[1]: "fp8"}
+    assert peers_bench.modelopt_plan({**choice, body[1]: "bf16"}, body)[body[1]] == "bf16"
+    with pytest.raises(ValueError, match="no format"):
+        peers_bench.modelopt_plan({body[0]: "nvfp4"}, body)
+    with pytest.raises(ValueError, match="outside"):
+        peers_bench.modelopt_plan({**choice, body[0]: "int4"}, body)
+    with pytest.raises(ValueError, match="outside the body"):
+        peers_bench.modelopt_plan({**choice, "lm_head": "fp8"}, body)
+
+
+def test_bench_vs_peers_modelopt_target_checks_both_metrics(peers_bench):
+    Row = peers_bench.Row
+    mo = Row(name="mo", tool="modelopt", bpp_body=5.997, eval={"kl_conf": 0.10, "kl_all": 0.020},
+             detail={"recipe": "modelopt"})
+    o6 = Row(name="o6", tool="pq-lightning", bpp_body=5.9999, eval={"kl_conf": 0.08, "kl_all": 0.017})
+    c6 = peers_bench.target_checks([mo], {"6bpp": o6}, None)[2]
+    assert c6["verdict"] == "PASS" and c6["peer"] == "mo"
+    assert c6["ratios"] == pytest.approx({"kl_conf": 0.8, "kl_all": 0.85})
+    assert c6["ratio"] == pytest.approx(0.8)
+    o6.eval["kl_all"] = 0.0185  # 0.925x on kl_all: the kl_conf pass alone is not enough
+    c6 = peers_bench.target_checks([mo], {"6bpp": o6}, None)[2]
+    assert c6["verdict"] == "FAIL" and c6["ratios"]["kl_all"] == pytest.approx(0.925)
+    line = peers_bench.check_lines([c6], {"target": "speed", "verdict": "NOT CHECKED", "reason": "r"})[0]
+    assert "kl_all 0.925" in line and "kl_conf 0.800" in line and "FAIL" in line
+    del o6.eval["kl_all"]
+    assert peers_bench.target_checks([mo], {"6bpp": o6}, None)[2]["verdict"] == "NOT CHECKED"
+    # a ModelOpt row at 4.5 bpp is not the llm-compressor peer of the 4.5 target
+    mo45 = Row(name="mo45", tool="modelopt", bpp_body=4.5, eval={"kl_conf": 0.3}, detail={"recipe": "modelopt@4.5"})
+    assert peers_bench.target_checks([mo45], {"4.5bpp": o6}, None)[0]["verdict"] == "NOT CHECKED"
