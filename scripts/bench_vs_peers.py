@@ -90,6 +90,9 @@ DEFAULT_CALIBRATION = SHARED_DATA / "wikitext-2-valid-tokenized.txt"
 DEFAULT_EVAL = SHARED_DATA / "wikitext-2-raw-test.txt"
 PEERS_VENV_PYTHON = Path("/work/venvs/peers/bin/python")
 PEER_SCRIPT = REPO / "scripts" / "peers_llmcompressor.py"
+#: the default config whose pipeline settings the speed ratio times (its model, calibration text,
+#: evaluation and dtype are replaced by this bench's, so both sides read the same tokens)
+DEFAULT_CONFIG = REPO / "configs" / "smollm2-135m.yaml"
 MODELOPT_VENV_PYTHON = Path("/work/venvs/modelopt/bin/python")
 MODELOPT_SCRIPT = REPO / "scripts" / "peers_modelopt.py"
 PEER_RUN_FILE = "peer_run.json"
@@ -623,6 +626,16 @@ def target_checks(peers: list[Row], ours: dict[str, Row], mixed_bpp: float | Non
     return checks
 
 
+def default_config_settings(path: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+    """The method settings of the default config: formats, estimator and the GPTQ / sweep settings."""
+    import yaml
+
+    from pq_lightning.pipeline import RefineConfig
+
+    cfg = yaml.safe_load(path.read_text())
+    return {"formats": cfg["formats"], "estimator": cfg["estimator"], "refine": RefineConfig(**cfg["refine"])}
+
+
 def speed_check(peers: list[Row], ours_wall: float | None, default_wall: float | None, n_budgets: int) -> dict:
     """Our pipeline's wall time over llm-compressor's NVFP4 GPTQ oneshot."""
     gptq = next((r for r in peers if r.detail.get("recipe") == "nvfp4_gptq" and r.wall_s is not None), None)
@@ -780,14 +793,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             d_out = out / "ours-default"
             if d_out.exists():
                 shutil.rmtree(d_out)
-            _log("ours: separate single-budget 6.0 run for the speed ratio")
+            _log(f"ours: separate single-budget 6.0 run with {DEFAULT_CONFIG.name}'s settings for the speed ratio")
+            defaults = default_config_settings()
             t0 = time.perf_counter()
             quantize(model=str(inputs.reference_dir), dtype=args.dtype, output_dir=str(d_out), target_bits=6.0,
                      calibration=CalibrationConfig(
                          source=str(args.calibration), seqlen=args.seqlen, num_samples=args.num_samples,
                          seed=args.seed, batch_size=args.calibration_batch_size,
                          holdout_fraction=args.holdout_fraction),
-                     evaluation=EvalConfig(enabled=False), accelerator=args.accelerator)
+                     evaluation=EvalConfig(enabled=False), accelerator=args.accelerator, **defaults)
             default_wall = time.perf_counter() - t0
 
     rows = peers + list(ours.values())

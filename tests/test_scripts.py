@@ -429,3 +429,14 @@ def test_bench_vs_peers_modelopt_target_checks_both_metrics(peers_bench):
     # a ModelOpt row at 4.5 bpp is not the llm-compressor peer of the 4.5 target
     mo45 = Row(name="mo45", tool="modelopt", bpp_body=4.5, eval={"kl_conf": 0.3}, detail={"recipe": "modelopt@4.5"})
     assert peers_bench.target_checks([mo45], {"4.5bpp": o6}, None)[0]["verdict"] == "NOT CHECKED"
+
+
+def test_bench_vs_peers_times_the_default_configs_settings(peers_bench):
+    import yaml
+
+    from pq_lightning.pipeline import RefineConfig
+
+    got = peers_bench.default_config_settings()
+    cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m.yaml").read_text())
+    assert got["formats"] == cfg["formats"] == ["nvfp4", "fp8"] and got["estimator"] == cfg["estimator"] == "output"
+    assert got["refine"] == RefineConfig(**cfg["refine"]) and got["refine"].dampening == [0.01, 0.1]
