@@ -102,14 +102,8 @@ class CausalLM(lightning.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
         self.save_hyperparameters(ignore=["_hf_model"])
         if _hf_model is None and memory_cap_gb is not None:
-            if gguf_file is not None or model is None or str(model).endswith(".gguf"):
-                raise ValueError(
-                    "memory_cap_gb streams layers from a Hugging Face folder with safetensors weights; a "
-                    "GGUF model loads whole. Save it once (pq_lightning.models.save_reference or "
-                    "save_pretrained) and pass that folder as model."
-                )
             _hf_model = load_streamed_model(
-                model, dtype=dtype, memory_cap_gb=memory_cap_gb, offload=offload,
+                model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb, offload=offload,
                 trust_remote_code=trust_remote_code,
             )
         elif _hf_model is None:

@@ -471,7 +471,12 @@ def group_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) ->
 
 def _group_error(Wf: torch.Tensor, W_hat: torch.Tensor, Hb: torch.Tensor) -> torch.Tensor:
     d = (W_hat.double() - Wf.double()).unflatten(-1, (-1, GROUP_SIZE)).transpose(0, 1)  # [G, out, 16]
-    return (torch.bmm(d, Hb) * d).sum(-1).T  # [out, G]
+    return _grouped_error(d, Hb).T  # [out, G]
+
+
+def _grouped_error(d: torch.Tensor, Hb: torch.Tensor) -> torch.Tensor:
+    """``Δw_{r,g}ᵀ H_gg Δw_{r,g}`` from group-major differences ``d`` ``[G, out, 16]``: ``[G, out]``."""
+    return (torch.bmm(d, Hb) * d).sum(-1)
 
 
 @torch.no_grad()
@@ -517,7 +522,7 @@ def scale_sweep_nvfp4(
             c = e2m1_codes(WgT / e)
             q = e2m1_decode(c) * e
         d = q.double().sub_(Wg64)
-        err = (torch.bmm(d, Hb) * d).sum(-1)  # [G, out], as _group_error
+        err = _grouped_error(d, Hb)  # [G, out]
         c = c.to(torch.uint8)
         if best_err is None:
             best_scale, best_codes, best_err = s, c, err

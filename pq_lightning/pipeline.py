@@ -271,13 +271,8 @@ def quantize(
             from .models import load_tokenizer
             from .streaming import load_streamed_model
 
-            if model is None or gguf_file is not None or str(model).endswith(".gguf"):
-                raise ValueError(
-                    "memory_cap_gb streams the layers of a Hugging Face folder with safetensors weights; "
-                    "a GGUF model loads whole. Save it once (pq_lightning.models.save_reference) and pass "
-                    "that folder as --model, or drop --memory_cap_gb."
-                )
-            hf_model = load_streamed_model(model, dtype=dtype, memory_cap_gb=memory_cap_gb, offload=offload)
+            hf_model = load_streamed_model(model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
+                                           offload=offload)
             tokenizer = load_tokenizer(model)
         model_fp = model_fingerprint(hf_model)
     model_type = getattr(hf_model.config, "model_type", None)

@@ -527,7 +527,7 @@ def refine_model(
     formats = _check_plan(model, plan, layers_name)
 
     streamer = streamer_of(model)
-    device = streamer._target_device() if streamer is not None else next(iter(layers.parameters())).device
+    device = streamer.target_device() if streamer is not None else next(iter(layers.parameters())).device
     was_training = model.training
     model.eval()
     out = RefineOutput(packed={}, input_amax={}, decisions={}, totals={})

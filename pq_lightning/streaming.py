@@ -226,7 +226,9 @@ class LayerStreamer:
                         )
                     slots.append(_Slot(i, module, attr, key, tuple(p.shape), dtype or p.dtype))
             self.slots.append(slots)
+        self.slot_of_key = {s.key: s for slots in self.slots for s in slots}
         self.layer_bytes = [sum(s.nbytes for s in slots) for slots in self.slots]
+        self.other_bytes = 0  # the model's own parameters and buffers, counted when attached
         self.memory_cap_bytes = memory_cap_bytes
         self._resident: OrderedDict[int, None] = OrderedDict()
         self._storage_of: dict[int, _Slot] = {}
@@ -260,7 +262,8 @@ class LayerStreamer:
             self._handles.append(layer.register_forward_hook(self._post_hook(i)))
         object.__setattr__(self.model, _ATTR, self)
         self._attached = True
-        other, largest = self._other_bytes(), max(self.layer_bytes, default=0)
+        self.other_bytes = other = self._other_bytes()
+        largest = max(self.layer_bytes, default=0)
         if self.memory_cap_bytes is not None:
             room = self.memory_cap_bytes - other
             if room < largest:
@@ -293,7 +296,8 @@ class LayerStreamer:
         self._attached = False
 
     # ---- residency ------------------------------------------------------------------------
-    def _target_device(self) -> torch.device:
+    def target_device(self) -> torch.device:
+        """Where layers are put: ``device``, else where the input embeddings are now."""
         if self.device is not None:
             return self.device
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
@@ -302,7 +306,7 @@ class LayerStreamer:
         return torch.device("cpu")
 
     def _read(self, i: int) -> list[torch.Tensor]:
-        device = self._target_device()
+        device = self.target_device()
         out = []
         for s in self.slots[i]:
             t = self.store.get(s.key)
@@ -329,7 +333,7 @@ class LayerStreamer:
             self._storage_of[t.untyped_storage().data_ptr()] = s
         self._resident[i] = None
         self.loads += 1
-        resident = self._other_bytes() + sum(self.layer_bytes[j] for j in self._resident)
+        resident = self.other_bytes + sum(self.layer_bytes[j] for j in self._resident)
         self.peak_resident_bytes = max(self.peak_resident_bytes, resident)
 
     def release(self, i: int) -> None:
@@ -348,14 +352,11 @@ class LayerStreamer:
 
     def tensor(self, key: str) -> torch.Tensor:
         """A streamed tensor by state-dict key (its layer loaded)."""
-        slot = self._slot_by_key().get(key)
+        slot = self.slot_of_key.get(key)
         if slot is None:
             raise KeyError(f"{key} is not a streamed tensor")
         self.load(slot.layer)
         return getattr(slot.module, slot.attr)
-
-    def _slot_by_key(self) -> dict[str, _Slot]:
-        return {s.key: s for slots in self.slots for s in slots}
 
     # ---- hooks (picklable: a model with a streamer survives ddp_spawn) --------------------
     def _pre_hook(self, i: int) -> _LoadBeforeForward:
@@ -457,7 +458,7 @@ def full_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     if streamer is None:
         yield from state.items()
         return
-    slots = streamer._slot_by_key()
+    slots = streamer.slot_of_key
     for key in streamer.state_keys():
         if key in slots:
             yield key, streamer.tensor(key)
@@ -471,7 +472,7 @@ def sampled_values(model: nn.Module, key: str, positions: Sequence[int]) -> torc
     streamer = streamer_of(model)
     if streamer is None:
         return None
-    slot = streamer._slot_by_key().get(key)
+    slot = streamer.slot_of_key.get(key)
     if slot is None:
         return None
     return streamer.store.sample(key, positions).to(slot.dtype)
@@ -487,8 +488,9 @@ def streamed_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.
 
 # ---- loading ------------------------------------------------------------------------------------
 def load_streamed_model(
-    folder: str | Path,
+    folder: str | Path | None,
     *,
+    gguf_file: str | None = None,
     dtype: str | torch.dtype = "bfloat16",
     memory_cap_gb: float | None = None,
     offload: str = "disk",
@@ -499,6 +501,7 @@ def load_streamed_model(
 
     Args:
         folder: a Hugging Face folder with safetensors weights (GGUF and hub ids: convert first).
+        gguf_file: refused (a GGUF loads whole); present so callers can pass their arguments through.
         dtype: the weights' dtype in use.
         memory_cap_gb: bound on the weights held on the device at once (see :class:`LayerStreamer`).
         offload: ``"disk"`` (layers are read from the checkpoint files whenever they are loaded;
@@ -515,6 +518,12 @@ def load_streamed_model(
 
     if offload not in ("disk", "host"):
         raise ValueError(f"offload must be 'disk' or 'host', got {offload!r}")
+    if folder is None or gguf_file is not None or str(folder).endswith(".gguf"):
+        raise ValueError(
+            "layer streaming reads a Hugging Face folder with safetensors weights; a GGUF model (the default "
+            "model included) loads whole. Save it once (pq_lightning.models.save_reference or save_pretrained) "
+            "and pass that folder as the model, or drop memory_cap_gb."
+        )
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(

@@ -385,23 +385,29 @@ def run_llmc(recipe: str, python: str, inputs: Inputs, args: argparse.Namespace,
             cmd += ["--tokens", str(inputs.tokens_path)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
-        log_path = out / "logs" / f"llmc-{recipe}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        _log(f"{row.name}: running ({log_path})")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        t0 = time.perf_counter()
-        with log_path.open("w") as log:
-            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        row.detail["process_s"] = time.perf_counter() - t0
-        if res.returncode != 0:
-            tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-            row.status = f"failed: exit {res.returncode} ({tail[0][:160] if tail else 'no output'}; see {log_path})"
+        if not _run_peer_process(cmd, out / "logs" / f"llmc-{recipe}.log", row):
             return row
         marker.write_text(json.dumps(want, indent=1) + "\n")
     run = json.loads((ckpt / PEER_RUN_FILE).read_text())
     row.wall_s = float(run["oneshot_s"])
     row.detail.update({k: run.get(k) for k in ("load_s", "save_s", "num_windows", "seqlen", "versions", "threads")})
     return row
+
+
+def _run_peer_process(cmd: list[str], log_path: Path, row: Row) -> bool:
+    """Run a peer subprocess with its output in ``log_path``; on failure mark ``row`` and return False."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"{row.name}: running ({log_path})")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    row.detail["process_s"] = time.perf_counter() - t0
+    if res.returncode != 0:
+        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        row.status = f"failed: exit {res.returncode} ({tail[0][:160] if tail else 'no output'}; see {log_path})"
+        return False
+    return True
 
 
 def modelopt_plan(choice: dict[str, str], body: list[str]) -> dict[str, str]:
@@ -447,17 +453,7 @@ def run_modelopt(bits: float, python: str, inputs: Inputs, args: argparse.Namesp
             cmd += ["--threads", str(args.threads)]
         if args.modelopt_score_steps is not None:
             cmd += ["--num-score-steps", str(args.modelopt_score_steps)]
-        log_path = out / "logs" / f"modelopt-{bits:g}bpp.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        _log(f"{row.name}: running ({log_path})")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        t0 = time.perf_counter()
-        with log_path.open("w") as log:
-            res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        row.detail["process_s"] = time.perf_counter() - t0
-        if res.returncode != 0:
-            tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-            row.status = f"failed: exit {res.returncode} ({tail[0][:160] if tail else 'no output'}; see {log_path})"
+        if not _run_peer_process(cmd, out / "logs" / f"modelopt-{bits:g}bpp.log", row):
             return row
         marker.write_text(json.dumps(want, indent=1) + "\n")
     run = json.loads(choice_path.read_text())

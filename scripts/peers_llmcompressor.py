@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +120,14 @@ def build_recipe(name: str) -> Any:
     raise ValueError(f"unknown recipe {name!r}; choose one of {RECIPES}")
 
 
-def versions() -> dict[str, str]:
+def versions(
+    packages: Sequence[str] = ("llmcompressor", "compressed-tensors", "transformers", "torch", "accelerate"),
+) -> dict[str, str]:
     """Versions of the packages this run depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("llmcompressor", "compressed-tensors", "transformers", "torch", "accelerate"):
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -71,6 +71,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# the llm-compressor runner beside this file: the same windows file format and version record
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers_llmcompressor import load_windows  # noqa: E402
+from peers_llmcompressor import versions as llmc_versions  # noqa: E402
+
 #: ModelOpt's nominal weight bits per format (its configs' effective_bits; FP8 from E4M3's 1+4+3 bits).
 NOMINAL_BITS = {"nvfp4": 4.5, "fp8": 8.0, "bf16": 16.0}
 #: the preset configs searched, in ModelOpt's names, and our format name of each
@@ -237,20 +242,6 @@ def check_cpu_nvfp4_kernel(seed: int = 0) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_windows(path: str) -> Any:
-    """The ``input_ids`` tensor ``[N, seqlen]`` (int64) of a safetensors file, checked."""
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    if "input_ids" not in tensors:
-        raise KeyError(f"{path} holds {sorted(tensors)}, not 'input_ids'; write the windows under that name.")
-    ids = tensors["input_ids"]
-    if ids.ndim != 2 or ids.dtype != torch.int64 or ids.shape[0] < 1 or ids.shape[1] < 2:
-        raise ValueError(f"{path}: input_ids must be int64 [N >= 1, seqlen >= 2], got {ids.dtype} {tuple(ids.shape)}")
-    return ids
-
-
 def load_model(model: str, gguf_file: str | None, dtype: str) -> Any:
     """A Hugging Face causal LM from a folder or a GGUF file."""
     import torch
@@ -267,15 +258,7 @@ def load_model(model: str, gguf_file: str | None, dtype: str) -> Any:
 
 def versions() -> dict[str, str]:
     """Versions of the packages this run depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("nvidia-modelopt", "transformers", "torch", "pq-lightning"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return llmc_versions(("nvidia-modelopt", "transformers", "torch", "pq-lightning"))
 
 
 def _choice_from_recipes(recipes: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, str]:

@@ -7,6 +7,7 @@ import math
 import lightning
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from pq_lightning.causal_lm import CausalLM
 from pq_lightning.data import CalibrationData
@@ -14,17 +15,7 @@ from pq_lightning.models import save_reference
 
 
 def _trainer(max_steps: int) -> lightning.Trainer:
-    return lightning.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    return quiet_trainer(max_steps=max_steps, max_epochs=None, limit_val_batches=0)
 
 
 def _data(tokenizer, **kw) -> CalibrationData:

@@ -98,12 +98,21 @@ def test_backward_keeps_no_streamed_weight_alive_and_gradients_are_exact(saved_l
     assert st.loads == N_LAYERS + 2  # layers 1 and 0 came back for the backward pass
 
 
+def _probe_windows(seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(4, 128, (12,), generator=gen)} for _ in range(4)]
+
+
+def _in_memory_probe(model: torch.nn.Module, data: list, path: Path) -> FisherProbe:
+    probe = FisherProbe(output_path=str(path), output_error_tokens=None)
+    quiet_trainer([probe]).fit(CausalLM.from_model(copy.deepcopy(model), probe_only=True), DataLoader(data, batch_size=2))
+    return probe
+
+
 def test_probe_from_disk_equals_in_memory(saved_llama, tmp_path):
     model, folder, cap_gb = saved_llama
-    gen = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(4, 128, (12,), generator=gen)} for _ in range(4)]
-    whole = FisherProbe(output_path=str(tmp_path / "whole.safetensors"), output_error_tokens=None)
-    quiet_trainer([whole]).fit(CausalLM.from_model(copy.deepcopy(model), probe_only=True), DataLoader(data, batch_size=2))
+    data = _probe_windows(0)
+    whole = _in_memory_probe(model, data, tmp_path / "whole.safetensors")
     module = CausalLM(model=str(folder), dtype="float32", probe_only=True, memory_cap_gb=cap_gb)
     probe = FisherProbe(output_path=str(tmp_path / "streamed.safetensors"), output_error_tokens=None)
     quiet_trainer([probe]).fit(module, DataLoader(data, batch_size=2))
@@ -199,10 +208,8 @@ def test_probe_streamed_under_ddp_equals_one_process(saved_llama, tmp_path):
     from pq_lightning.sensitivity import load_sensitivity
 
     model, folder, cap_gb = saved_llama
-    gen = torch.Generator().manual_seed(5)
-    data = [{"input_ids": torch.randint(4, 128, (12,), generator=gen)} for _ in range(4)]
-    single = FisherProbe(output_path=str(tmp_path / "single.safetensors"), output_error_tokens=None)
-    quiet_trainer([single]).fit(CausalLM.from_model(copy.deepcopy(model), probe_only=True), DataLoader(data, batch_size=2))
+    data = _probe_windows(5)
+    single = _in_memory_probe(model, data, tmp_path / "single.safetensors")
     path = tmp_path / "ddp.safetensors"
     probe = FisherProbe(output_path=str(path), output_error_tokens=None)
     module = CausalLM(model=str(folder), dtype="float32", probe_only=True, memory_cap_gb=cap_gb)
