@@ -46,7 +46,10 @@ Scale sweep (:func:`scale_sweep_nvfp4`)
 Gate (:func:`refine_nvfp4`, :func:`refine_fp8`)
     Candidates are fitted on one Hessian and judged on a held-out one; the best candidate is
     kept only when its held-out output error is strictly below RTN's, else the RTN weight is
-    returned bit for bit.
+    returned bit for bit. With a refit Hessian (``H_refit``: fit and held-out tokens pooled) and
+    :attr:`GPTQConfig.refit`, the winning recipe (method, damping) is then solved again on it: the
+    held-out tokens choose, every calibration token fits (on SmolLM2-135M at 4.5 bpp, 8 × 128
+    calibration tokens, a quarter held out: −3 % KL on confident positions).
 
 Numerics: weights and the column loop in fp32, the inverse Hessian in fp64, output errors in
 fp64 (:func:`output_errors` scores every candidate under the fit and held-out Hessians in one pass,
@@ -69,7 +72,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats.base import check_finite
-from .formats.e2m1 import e2m1_codes, e2m1_decode
+from .formats.e2m1 import E2M1Table, e2m1_codes, e2m1_decode, e2m1_round
 from .formats.fp8 import fp8_round, weight_scale_from_amax
 from .formats.nvfp4 import GROUP_SIZE, NVFP4Weight, fp8_group_scales
 from .kernels import triton_kernels_enabled
@@ -187,7 +190,7 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the column loop ----------------------------------------------------------------------------
-RoundColumn = Callable[[int, torch.Tensor, torch.Tensor], None]
+RoundColumn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], None]
 
 
 def _gptq_loop(
@@ -201,9 +204,10 @@ def _gptq_loop(
     candidates cost little more than one. Each column of ``W`` is a contiguous row of ``WT[b]``;
     the rank-1 update is ``addcmul_`` (bit-identical to ``addr_`` of one candidate) and the block
     update one ``addmm_`` per candidate, so every candidate's result is bit-identical to solving it
-    alone. ``round_column(j, w, q)`` rounds column ``j`` of every candidate (``w`` ``[B, out]``: its
-    current, error-updated values; the next 15 columns of a 16-aligned group follow it in memory)
-    and writes the dequantised values into ``q`` ``[B, out]``.
+    alone. ``round_column(j, w, q, U1, i)`` rounds column ``j`` of every candidate (``w`` ``[B, out]``:
+    its current, error-updated values; the next 15 columns of a 16-aligned group follow it in memory)
+    and writes the dequantised values into ``q`` ``[B, out]``; ``U1`` ``[B, blk, blk]`` is the current
+    block of the factors and ``i`` the column's index in it.
     """
     B, n, _ = WT.shape
     W_hat = torch.empty_like(WT)
@@ -217,7 +221,7 @@ def _gptq_loop(
         diag = U1.diagonal(dim1=1, dim2=2).T.unsqueeze(2)  # [rows, B, 1]
         for i in range(i2 - i1):
             q, err = qs[i], errs[i]
-            round_column(i1 + i, cols[i], q)
+            round_column(i1 + i, cols[i], q, U1, i)
             torch.sub(cols[i], q, out=err)
             err.div_(diag[i])
             if i + 1 < i2 - i1:
@@ -267,18 +271,21 @@ def gptq_nvfp4(
     block_size: int = 128,
     act_order: bool = False,
     return_w_hat: bool = False,
+    search_grid: Sequence[float] | None = None,
 ) -> NVFP4Weight | tuple[NVFP4Weight, torch.Tensor]:
     """GPTQ-rounded NVFP4 weight of ``W`` under the input second moment ``H``.
 
     ``global_scale`` is fixed (shape ``[1]``; fused siblings share one). Group scales come from
-    the current weights of each group when the loop enters it, or from ``scale``
-    (float8_e4m3fn ``[out, in/16]``) when given. ``block_size`` must be a multiple of 16.
+    the current weights of each group when the loop enters it (their amax, or with
+    ``search_grid`` the best of those multipliers of it under the loop's own loss,
+    :func:`_searched_scales`), or from ``scale`` (float8_e4m3fn ``[out, in/16]``) when given. ``block_size`` must be a multiple of 16.
     With ``return_w_hat`` also returns the fp32 weight used for the error feedback (which equals
     ``result.dequantize()`` exactly). :func:`gptq_nvfp4_candidates` solves several
     (damping, scale) pairs in one loop, each bit-identical to this function.
     """
     (res,) = gptq_nvfp4_candidates(
-        W, H, global_scale=global_scale, candidates=[(damp, scale)], block_size=block_size, act_order=act_order
+        W, H, global_scale=global_scale, candidates=[(damp, scale)], block_size=block_size, act_order=act_order,
+        search_grid=search_grid,
     )
     if isinstance(res, ValueError):
         raise res
@@ -295,12 +302,16 @@ def gptq_nvfp4_candidates(
     block_size: int = 128,
     act_order: bool = False,
     max_batch: int = 8,
+    factor_cache: dict | None = None,
+    search_grid: Sequence[float] | None = None,
 ) -> list[tuple[NVFP4Weight, torch.Tensor] | ValueError]:
     """:func:`gptq_nvfp4` for every ``(damp, scale)`` of ``candidates``, solved ``max_batch`` at a
     time in one column loop (memory: that many fp32 copies of ``W``).
 
     Returns, per candidate and in order, ``(weight, w_hat)`` or the ``ValueError`` raised for it
-    (a damping whose Hessian cannot be inverted); bad arguments raise at once.
+    (a damping whose Hessian cannot be inverted); bad arguments raise at once. ``factor_cache``: a
+    dict shared by Linears with the same ``H`` (fused siblings), filled with the inverse-Hessian
+    factors so each damping is factored once per Hessian; never share one across Hessians.
     """
     Wf, H = _check_inputs(W, H, "gptq_nvfp4")
     out, n = Wf.shape
@@ -330,13 +341,17 @@ def gptq_nvfp4_candidates(
         H = H[cperm][:, cperm]
         scales_in = [None if s is None else s[:, gperm] for s in scales_in]
 
+    cache = factor_cache if factor_cache is not None else {}
     factors: dict[float, torch.Tensor | ValueError] = {}
     for d, _ in candidates:
         if d not in factors:
-            try:
-                factors[d] = inverse_hessian_factor(H, d)[0]
-            except ValueError as e:
-                factors[d] = e
+            key = (d, act_order)
+            if key not in cache:
+                try:
+                    cache[key] = inverse_hessian_factor(H, d)[0]
+                except ValueError as e:
+                    cache[key] = e
+            factors[d] = cache[key]
     results: list[tuple[NVFP4Weight, torch.Tensor] | ValueError | None] = [None] * len(candidates)
     runnable = []
     for k, (d, _) in enumerate(candidates):
@@ -347,7 +362,7 @@ def gptq_nvfp4_candidates(
     for c0 in range(0, len(runnable), max_batch):
         batch = runnable[c0 : c0 + max_batch]
         U = [factors[candidates[k][0]] for k in batch]
-        solved = _nvfp4_loop(Wf, U, gs, [scales_in[k] for k in batch], block_size)
+        solved = _nvfp4_loop(Wf, U, gs, [scales_in[k] for k in batch], block_size, search_grid)
         for k, (codes, scales, W_hat) in zip(batch, solved, strict=True):
             if act_order:
                 inv_c = torch.argsort(cperm)
@@ -355,36 +370,6 @@ def gptq_nvfp4_candidates(
             q = NVFP4Weight(codes=codes.contiguous(), scale=scales.contiguous(), global_scale=gs)
             results[k] = (q, W_hat.contiguous())
     return results  # type: ignore[return-value]
-
-
-class _E2M1Lut:
-    """E2M1 rounding in a few tensor ops, bit for bit :func:`~pq_lightning.formats.e2m1.e2m1_codes`.
-
-    With ``t = 8|x|`` (exact), the key ``⌊t⌋ + ⌈t⌉`` is ``2k + 1`` inside ``(k/8, (k+1)/8)`` and
-    ``2k`` at ``|x| = k/8``; every rounding boundary (0.25, 0.75, … 5) is a multiple of 1/8, so the key
-    tells on which side of each boundary ``|x|`` lies, ties included, and tables give the code's
-    magnitude index and value. Keys above ``2·48`` (``|x| > 6``, ``inf`` included) are clamped: they
-    all round to the largest magnitude. The sign bit is the sign of ``x`` (``-0`` included).
-    """
-
-    KEY_MAX = 97
-    #: (boundary, whether |x| == boundary rounds up): e2m1_codes' comparisons
-    _BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-
-    def __init__(self, device: torch.device) -> None:
-        keys = [key / 16 for key in range(self.KEY_MAX + 1)]  # a representative |x| per key
-        idx = torch.tensor([sum((a > b) or (a == b and up) for b, up in self._BOUNDS) for a in keys])
-        self.index = idx.to(device=device, dtype=torch.uint8)
-        self.magnitude = e2m1_decode(idx.to(torch.uint8)).to(device)
-
-    def key(self, t: torch.Tensor) -> torch.Tensor:
-        """The key of ``t = 8x`` (fp32), as fp32 in ``[0, KEY_MAX]``; ``t`` must hold no NaN."""
-        a = t.abs()
-        return torch.floor(a).add_(a.ceil_()).clamp_max_(self.KEY_MAX)
-
-    def codes(self, key: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        """uint8 codes from integer-valued keys (any dtype) and the sign bits of ``x``."""
-        return self.index[key.long()] | (negative.to(torch.uint8) << 3)
 
 
 def _eighth_is_exact(gs: torch.Tensor, smallest_scale: float) -> bool:
@@ -406,8 +391,10 @@ def _nvfp4_loop(
     gs: torch.Tensor,
     scales: Sequence[torch.Tensor | None],
     block_size: int,
+    search: Sequence[float] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One batched column loop: per candidate ``(codes [out, in], scales [out, groups], w_hat)``."""
+    """One batched column loop: per candidate ``(codes [out, in], scales [out, groups], w_hat)``.
+    ``search``: scale multipliers for the candidates without given scales (:func:`_searched_scales`)."""
     out, n = Wf.shape
     B, n_groups = len(U), n // GROUP_SIZE
     codes_t = torch.empty(B, n, out, dtype=torch.uint8, device=Wf.device)
@@ -422,16 +409,19 @@ def _nvfp4_loop(
     eff = torch.empty(B, out, dtype=torch.float32, device=Wf.device)
     eff8 = torch.empty_like(eff)
     t = torch.empty_like(eff)
-    lut = _E2M1Lut(Wf.device)
+    lut = E2M1Table.on(Wf.device)
 
-    def round_column(j: int, w: torch.Tensor, q: torch.Tensor) -> None:
+    def round_column(j: int, w: torch.Tensor, q: torch.Tensor, U1: torch.Tensor, i: int) -> None:
         g = j // GROUP_SIZE
         if j % GROUP_SIZE == 0:
             if dyn:
                 # w is row i of the block [B, rows, out]: the group's 16 columns follow it
-                group = w.as_strided((B, GROUP_SIZE, out), (w.stride(0), out, 1))
-                amax = group[dynamic].abs().amax(1)
-                scales_t[dynamic, g] = fp8_group_scales(amax, gs)
+                group = w.as_strided((B, GROUP_SIZE, out), (w.stride(0), out, 1))[dynamic]
+                if search:
+                    U_gg = U1[dynamic, i : i + GROUP_SIZE, i : i + GROUP_SIZE]
+                    scales_t[dynamic, g] = _searched_scales(group, U_gg, gs, search)
+                else:
+                    scales_t[dynamic, g] = fp8_group_scales(group.abs().amax(1), gs)
             torch.div(scales_t[:, g].float(), gs, out=eff)
             torch.mul(eff, 0.125, out=eff8)
         if fast:  # t = w / (eff / 8) = 8 (w / eff) exactly; the code's sign bit is added after the loop
@@ -450,6 +440,34 @@ def _nvfp4_loop(
     if fast:  # keys -> codes; q = ±|v|·eff carries the sign of w / eff exactly, -0 included
         codes_t = lut.codes(codes_t, torch.signbit(W_hat))
     return [(codes_t[b].T, scales_t[b].T, W_hat[b].T) for b in range(B)]
+
+
+def _searched_scales(
+    group: torch.Tensor, U_gg: torch.Tensor, gs: torch.Tensor, mults: Sequence[float]
+) -> torch.Tensor:
+    """FP8 scales of one 16-column group chosen inside the column loop: per candidate and row, the
+    multiplier ``m`` of ``fp8(m · gs · amax / 6)`` whose rounded group has the least loss after
+    optimal feedback into the columns not yet rounded, ``‖U_gg⁻ᵀ (q − w)‖²`` (``group``
+    ``[B, 16, out]``: the current, error-updated weights; ``U_gg`` ``[B, 16, 16]``: the factor's
+    diagonal block; ``(U_ggᵀ U_gg)`` is the group's block of the remaining inverse Hessian). The
+    group's codes are approximated by plain rounding under each scale; ``m = 1`` (the loop's own
+    amax rule) is tried first and kept on ties.
+    """
+    amax = group.abs().amax(1)
+    lower = U_gg.transpose(1, 2)
+    best_s = best_loss = None
+    for m in [1.0] + [float(m) for m in mults if float(m) != 1.0]:
+        s = fp8_group_scales(amax * m if m != 1.0 else amax, gs)
+        e = (s.float() / gs).unsqueeze(1)
+        d = e2m1_round(group / e).mul_(e).sub_(group)
+        loss = torch.linalg.solve_triangular(lower, d, upper=False).square_().sum(1)
+        if best_s is None:
+            best_s, best_loss = s, loss
+            continue
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_s = torch.where(better, s, best_s)
+    return best_s
 
 
 def _diag_blocks(H: torch.Tensor) -> torch.Tensor:
@@ -507,7 +525,7 @@ def scale_sweep_nvfp4(
     Wg64 = WgT.double()
     amax = WgT.abs().amax(-1)  # [G, out]
     Hb = _diag_blocks(H.double())
-    lut = _E2M1Lut(Wf.device)
+    lut = E2M1Table.on(Wf.device)
     fast = _eighth_is_exact(gs, _FP8_MIN_SCALE)
 
     best_scale = best_codes = best_err = None
@@ -567,7 +585,7 @@ def gptq_fp8(
     U, _ = inverse_hessian_factor(H, damp)
     q8_t = torch.empty(Wf.shape[1], Wf.shape[0], dtype=torch.float8_e4m3fn, device=Wf.device)
 
-    def round_column(j: int, w: torch.Tensor, q: torch.Tensor) -> None:
+    def round_column(j: int, w: torch.Tensor, q: torch.Tensor, U1: torch.Tensor, i: int) -> None:
         c = fp8_round(w[0] / s_col)
         q8_t[j] = c
         torch.mul(c.float(), s_col, out=q[0])
@@ -684,20 +702,30 @@ class GPTQConfig:
 
     * ``dampening``: relative dampings tried for GPTQ (the best on held-out data is kept);
     * ``block_size``: lazy-update block width (a multiple of 16);
-    * ``act_order``: group-wise activation order for NVFP4, column-wise for FP8;
+    * ``act_order``: group-wise activation order for NVFP4, column-wise for FP8 (on by default:
+      on SmolLM2-135M at 4.5 bpp it cut the summed held-out output error by 29 %);
     * ``sweep`` / ``sweep_grid``: the NVFP4 per-group scale sweep and its multipliers;
     * ``sweep_then_gptq``: also run GPTQ under the swept scales (at every damping);
     * ``max_batch``: NVFP4 GPTQ candidates (dampings x {own, swept} scales) solved together in one
-      column loop (each bit-identical to solving it alone; memory: that many fp32 copies of W).
+      column loop (each bit-identical to solving it alone; memory: that many fp32 copies of W);
+    * ``refit``: once the gate has picked a candidate on the held-out tokens, solve that recipe
+      (method and damping) again on the fit and held-out tokens together and keep that weight: the
+      held-out tokens choose the recipe, all calibration tokens fit the weights. Needs ``H_refit``
+      (:func:`refine_nvfp4`); the refiner passes it. RTN picks are never refitted;
+    * ``scale_search``: GPTQ candidates that pick their group scales in the loop (``gptq@d``) try
+      the ``sweep_grid`` multipliers of each group's amax and keep the one with the least loss
+      after feedback (instead of the amax alone).
     """
 
     dampening: tuple[float, ...] = (0.01, 0.03, 0.1)
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     sweep: bool = True
     sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
     sweep_then_gptq: bool = True
     max_batch: int = 8
+    refit: bool = True
+    scale_search: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dampening", tuple(float(d) for d in self.dampening))
@@ -728,6 +756,9 @@ class RefineResult:
     ``"sweep"``, ``"sweep+gptq"``; ``damp`` the chosen GPTQ damping (``None`` for RTN / sweep);
     ``candidates`` every candidate's errors keyed ``"rtn"``, ``"gptq@0.01"``, ``"sweep"``,
     ``"sweep+gptq@0.01"``…; ``failed`` candidates that could not be computed, with the reason.
+    ``refit``: ``quantized`` is the chosen recipe solved again on the fit and held-out tokens
+    together (:attr:`GPTQConfig.refit`); its errors are ``candidates["refit"]`` (the held-out one is
+    then in-sample), the gate's evidence stays under :attr:`key`.
     """
 
     quantized: NVFP4Weight | dict[str, torch.Tensor]
@@ -736,6 +767,7 @@ class RefineResult:
     damp: float | None
     candidates: dict[str, CandidateError]
     failed: dict[str, str] = field(default_factory=dict)
+    refit: bool = False
 
     @property
     def key(self) -> str:
@@ -758,6 +790,12 @@ class _Candidates:
 
     def add(self, method: str, damp: float | None, quantized: object, w_hat: torch.Tensor) -> None:
         self.items.append((method, damp, quantized, w_hat))
+
+    def refit(self, best: RefineResult, quantized: object, w_hat: torch.Tensor) -> None:
+        """Replace ``best``'s weight by its refit and record the refit's errors under ``"refit"``."""
+        fit, held = output_errors(self.W, [w_hat], [self.H_fit, self.H_heldout])[0].tolist()
+        best.quantized, best.w_hat, best.refit = quantized, w_hat, True
+        best.candidates["refit"] = CandidateError(fit=fit, heldout=held)
 
     def choose(self) -> RefineResult:
         """The least held-out error among candidates, kept only when strictly below RTN's."""
@@ -789,12 +827,17 @@ def refine_nvfp4(
     *,
     global_scale: torch.Tensor,
     config: GPTQConfig | None = None,
+    factor_cache: dict | None = None,
+    H_refit: torch.Tensor | None = None,
 ) -> RefineResult:
     """RTN, GPTQ at each damping, the scale sweep and GPTQ under the swept scales at each damping
     (all GPTQ candidates in one batched column loop), fitted on ``H_fit``; the
     candidate with the least held-out output error is kept only when it beats RTN's held-out
     error, else RTN (bit for bit). GPTQ at one damping counts as one candidate per damping; a
-    damping whose Hessian cannot be inverted is listed in ``failed`` and skipped.
+    damping whose Hessian cannot be inverted is listed in ``failed`` and skipped. ``factor_cache``:
+    see :func:`gptq_nvfp4_candidates` (fused siblings share ``H_fit`` and can share one).
+    ``H_refit``: the input second moment of the fit and held-out tokens together (per token); with
+    ``config.refit`` the chosen recipe is solved again on it (:attr:`RefineResult.refit`).
     """
     from .formats.nvfp4 import NVFP4
 
@@ -814,7 +857,8 @@ def refine_nvfp4(
             members += [(d, sw.scale) for d in config.dampening]
     solved = gptq_nvfp4_candidates(
         Wf, H_fit, global_scale=gs, candidates=members, block_size=config.block_size,
-        act_order=config.act_order, max_batch=config.max_batch,
+        act_order=config.act_order, max_batch=config.max_batch, factor_cache=factor_cache,
+        search_grid=config.sweep_grid if config.scale_search else None,
     )
     results = list(zip(members, solved, strict=True))
     for (d, _), res in results[: len(config.dampening)]:
@@ -829,7 +873,24 @@ def refine_nvfp4(
                 cands.failed[f"sweep+gptq@{d:g}"] = str(res)
             else:
                 cands.add("sweep+gptq", d, *res)
-    return cands.choose()
+    best = cands.choose()
+    if config.refit and H_refit is not None and best.method != "rtn":
+        _, H_refit = _check_inputs(Wf, H_refit, "refine_nvfp4 (refit)")
+        scale = None
+        if best.method.startswith("sweep"):
+            swept = scale_sweep_nvfp4(Wf, H_refit, global_scale=gs, grid=config.sweep_grid)
+            scale = swept.scale
+        if best.method == "sweep":
+            quantized, w_hat = swept, swept.dequantize()
+        else:
+            (res,) = gptq_nvfp4_candidates(Wf, H_refit, global_scale=gs, candidates=[(best.damp, scale)],
+                                           block_size=config.block_size, act_order=config.act_order,
+                                           search_grid=config.sweep_grid if config.scale_search else None)
+            if isinstance(res, ValueError):  # cannot be: the damped H_fit + H_heldout is a larger PD matrix
+                raise res
+            quantized, w_hat = res
+        cands.refit(best, quantized, w_hat)
+    return best
 
 
 @torch.no_grad()
@@ -839,8 +900,9 @@ def refine_fp8(
     H_heldout: torch.Tensor,
     *,
     config: GPTQConfig | None = None,
+    H_refit: torch.Tensor | None = None,
 ) -> RefineResult:
-    """RTN vs GPTQ (each damping) for FP8 per-channel, with the same held-out gate as NVFP4."""
+    """RTN vs GPTQ (each damping) for FP8 per-channel, with the same held-out gate (and refit) as NVFP4."""
     from .formats.fp8 import FP8
 
     config = config or GPTQConfig()
@@ -857,4 +919,9 @@ def refine_fp8(
             cands.failed[f"gptq@{d:g}"] = str(e)
             continue
         cands.add("gptq", d, t, fmt.unpack(t))
-    return cands.choose()
+    best = cands.choose()
+    if config.refit and H_refit is not None and best.method != "rtn":
+        _, H_refit = _check_inputs(Wf, H_refit, "refine_fp8 (refit)")
+        t = gptq_fp8(Wf, H_refit, damp=best.damp, block_size=config.block_size, act_order=config.act_order)
+        cands.refit(best, t, fmt.unpack(t))
+    return best

@@ -58,14 +58,16 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """GPTQ and the scale sweep on NVFP4 Linears, each kept only when it beats RTN on held-out data."""
+    """GPTQ and the scale sweep on NVFP4 Linears, each kept only when it beats RTN on held-out data;
+    with ``refit`` the chosen recipe is then solved again on all calibration tokens."""
 
     gptq: bool = True
     fp8_gptq: bool = False
     dampening: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     sweep: bool = True
+    refit: bool = True
 
 
 def _key(*parts: Any) -> str:
@@ -504,7 +506,7 @@ def _refine(hf_model, plan, cal, refine: RefineConfig, model_type, track):
         held = fit[-1:]
     config = GPTQConfig(
         dampening=tuple(refine.dampening), block_size=refine.block_size, act_order=refine.act_order,
-        sweep=refine.sweep,
+        sweep=refine.sweep, refit=refine.refit,
     )
     return refine_model(
         hf_model, plan.formats, fit, held, config=config, gptq=refine.gptq, fp8_gptq=refine.fp8_gptq,
@@ -516,7 +518,7 @@ def _gptq_summary(refined) -> dict:
     methods: dict[str, int] = {}
     for d in refined.decisions.values():
         methods[d.method] = methods.get(d.method, 0) + 1
-    return {"methods": methods, **{k: v for k, v in refined.totals.items() if not isinstance(v, dict)}}
+    return {"methods": methods, "refit": sum(d.refit for d in refined.decisions.values()), **{k: v for k, v in refined.totals.items() if not isinstance(v, dict)}}
 
 
 def _summary(console, out: Path, results: dict, times: dict) -> None:

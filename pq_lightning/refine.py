@@ -8,8 +8,10 @@ every quantized body Linear plus the calibrated input amax that W4A4 NVFP4 needs
 How the walk goes
     1. *Capture.* One forward of the model per window, with a pre-hook on every decoder layer that
        records the arguments the layer is called with (references, not copies: position embeddings
-       and masks are shared objects) and, for layer 0, the hidden states. The hook on the last layer
-       stops the forward. Per-layer arguments matter: Gemma-style models pass each layer the mask and
+       and masks are shared objects) and, for layer 0, the hidden states. The layers themselves do
+       not compute during the capture (each hands its input on: the arguments a model gives its
+       layers, masks and rotary tables, do not depend on the hidden states), and the hook on the last
+       layer stops the forward. Per-layer arguments matter: Gemma-style models pass each layer the mask and
        rotary embeddings of its own attention type (sliding / full), and per-layer inputs.
     2. *Layer ℓ.* The Linears of layer ℓ are grouped into fused sets (:func:`fused_groups`: q/k/v,
        gate/up; one input, one Hessian, one NVFP4 weight global scale, one input amax) and the groups
@@ -30,7 +32,8 @@ How the walk goes
          held-out windows, with token counts; all-reduced with SUM across ranks.
 
        Each member is then decided from ``H_fit / n_fit`` and ``H_heldout / n_heldout`` (per-token
-       output errors): NVFP4 -> :func:`refine_nvfp4` under the siblings' shared global scale
+       output errors; with ``config.refit`` the chosen recipe is then solved again on
+       ``(H_fit + H_heldout) / (n_fit + n_heldout)``): NVFP4 -> :func:`refine_nvfp4` under the siblings' shared global scale
        ``448·6 / max_siblings amax|W|``; FP8 -> RTN (``fmt.pack``), or :func:`refine_fp8` when
        ``fp8_gptq``; BF16 -> untouched; any other registered format -> RTN. ``gptq=False`` makes every
        Linear RTN (the input amax is still calibrated: the export needs it). The decided group is put
@@ -80,6 +83,7 @@ Known limits
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -110,6 +114,9 @@ class LinearDecision:
     Hessians, keyed like :attr:`pq_lightning.gptq.RefineResult.candidates` (``"rtn"``,
     ``"gptq@0.01"``, ``"sweep"``...). ``method`` is ``"rtn"``, ``"gptq"``, ``"sweep"``,
     ``"sweep+gptq"`` or ``"bf16"`` (left as is); ``damp`` the chosen GPTQ damping or ``None``.
+    ``heldout_chosen`` is the chosen candidate's held-out error, the gate's evidence. ``refit``: the
+    packed weight is that recipe solved again on the fit and held-out tokens together
+    (:attr:`~pq_lightning.gptq.GPTQConfig.refit`); its errors are ``errors["refit"]`` (in-sample).
     """
 
     name: str
@@ -119,6 +126,7 @@ class LinearDecision:
     errors: dict[str, dict[str, float]]
     heldout_rtn: float
     heldout_chosen: float
+    refit: bool = False
 
 
 @dataclass
@@ -196,24 +204,36 @@ def _capture(
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:  # only the calls are wanted: each layer hands its input on untouched
+        layer.forward = _pass_through
+    streamer = streamer_of(model)
+    paused = streamer.paused_loading() if streamer is not None else contextlib.nullcontext()
     try:
-        for batch in batches:
-            ids, extra = _input_ids(batch)
-            current = []
-            try:
-                model(input_ids=ids.to(device), use_cache=False, **{k: v.to(device) for k, v in extra.items()})
-            except _StopForward:
-                pass
-            if len(current) != len(layers):
-                raise RuntimeError(
-                    f"captured {len(current)} of {len(layers)} decoder-layer calls for one window; the "
-                    "model's forward does not call every decoder layer once (unsupported architecture)"
-                )
-            windows.append(current)
+        with paused:
+            for batch in batches:
+                ids, extra = _input_ids(batch)
+                current = []
+                try:
+                    model(input_ids=ids.to(device), use_cache=False, **{k: v.to(device) for k, v in extra.items()})
+                except _StopForward:
+                    pass
+                if len(current) != len(layers):
+                    raise RuntimeError(
+                        f"captured {len(current)} of {len(layers)} decoder-layer calls for one window; the "
+                        "model's forward does not call every decoder layer once (unsupported architecture)"
+                    )
+                windows.append(current)
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            del layer.forward
     return windows
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """A decoder layer's stand-in during the capture: returns its hidden states unchanged."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _layer_output(out: Any) -> torch.Tensor:
@@ -387,14 +407,17 @@ def _decide(
     config: GPTQConfig,
     gptq: bool,
     fp8_gptq: bool,
+    factor_cache: dict | None = None,
+    H_refit: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearDecision]:
     """Packed tensors, served weight (fp32) and the decision record of one quantized Linear."""
     Wf = W.detach().float()
     if gptq and isinstance(fmt, NVFP4):
-        res = refine_nvfp4(Wf, H_fit, H_held, global_scale=gs, config=config)
+        res = refine_nvfp4(Wf, H_fit, H_held, global_scale=gs, config=config, factor_cache=factor_cache,
+                           H_refit=H_refit)
         packed, w_hat = fmt.pack_quantized(res.quantized), res.w_hat
     elif gptq and fp8_gptq and isinstance(fmt, FP8):
-        res = refine_fp8(Wf, H_fit, H_held, config=config)
+        res = refine_fp8(Wf, H_fit, H_held, config=config, H_refit=H_refit)
         packed, w_hat = dict(res.quantized), res.w_hat
     else:
         packed, w_hat = _rtn(fmt, Wf, gs)
@@ -402,7 +425,7 @@ def _decide(
         return packed, w_hat, LinearDecision(name, fmt.name, "rtn", None, {"rtn": errs}, errs["heldout"], errs["heldout"])
     errors = {k: {"fit": c.fit, "heldout": c.heldout} for k, c in res.candidates.items()}
     return packed, w_hat, LinearDecision(
-        name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"], errors[res.key]["heldout"]
+        name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"], errors[res.key]["heldout"], res.refit
     )
 
 
@@ -602,6 +625,8 @@ def refine_model(
                     out.hessians[tuple(group)] = {
                         "fit": H_fit.cpu().clone(), "n_fit": n_fit, "heldout": H_held.cpu().clone(), "n_heldout": n_held,
                     }
+                # the chosen recipe is solved again on every calibration token (GPTQConfig.refit)
+                H_refit = (H_fit + H_held) / (n_fit + n_held) if gptq and config.refit and n_held else None
                 H_fit = H_fit / n_fit
                 H_held = H_held / n_held if n_held else H_fit
 
@@ -615,11 +640,12 @@ def refine_model(
                     if distributed else dict.fromkeys(group, 0)
                 )
                 decided = {}
+                factors: dict = {}  # the siblings' shared H_fit is factored once per damping
                 for m in group:  # this rank's own Linears first, then the results are exchanged
                     if not distributed or owner[m] == rank:
                         packed, w_hat, decision = _decide(
                             m, fmt, step.linears[m].weight, H_fit, H_held, gs,
-                            config=config, gptq=gptq, fp8_gptq=fp8_gptq,
+                            config=config, gptq=gptq, fp8_gptq=fp8_gptq, factor_cache=factors, H_refit=H_refit,
                         )
                         decided[m] = ({k: v.detach().cpu() for k, v in packed.items()}, w_hat, decision)
                 for m in group:

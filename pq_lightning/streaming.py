@@ -235,6 +235,7 @@ class LayerStreamer:
         self._handles: list[Any] = []
         self._state_keys: list[str] = []
         self.loads = 0
+        self.loading_paused = False  # forwards that do not touch the layer weights (see paused_loading)
         self.peak_resident_bytes = 0
         self.max_resident_layers = 1
         self._attached = False
@@ -394,6 +395,16 @@ class LayerStreamer:
         return base.as_strided(saved.size, saved.stride, base.storage_offset() + saved.offset)
 
     @contextmanager
+    def paused_loading(self) -> Iterator[None]:
+        """Forwards inside this do not load layers before they run: for passes whose layers do not
+        compute (the refiner's capture of each layer's call arguments)."""
+        before, self.loading_paused = self.loading_paused, True
+        try:
+            yield
+        finally:
+            self.loading_paused = before
+
+    @contextmanager
     def autograd_context(self) -> Iterator[None]:
         """Run forward passes whose backward pass is wanted inside this: saved views of streamed
         weights are kept as references and re-read in the backward pass (see the module docstring)."""
@@ -411,7 +422,8 @@ class _LoadBeforeForward:
         self.streamer, self.layer = streamer, layer
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.streamer.load(self.layer)
+        if not self.streamer.loading_paused:
+            self.streamer.load(self.layer)
 
 
 class _LoadBeforeBackward(_LoadBeforeForward):

@@ -51,6 +51,9 @@ def main() -> None:
                    help="GPTQ dampings tried (default: GPTQConfig's)")
     p.add_argument("--no-sweep-then-gptq", action="store_true", help="skip GPTQ under the swept scales")
     p.add_argument("--no-peer", action="store_true", help="skip llm-compressor even when installed")
+    p.add_argument("--refit", action="store_true",
+                   help="refit the chosen recipes on the held-out windows too (GPTQConfig.refit); off by default "
+                        "here: the held-out error against the peer must stay out of sample")
     p.add_argument("--decisions", default=None, help="write every Linear's candidate errors to this JSON")
     a = p.parse_args()
     if a.threads:
@@ -72,7 +75,7 @@ def main() -> None:
     from pq_lightning.gptq import GPTQConfig
 
     cfg = GPTQConfig(**({"dampening": tuple(a.dampening)} if a.dampening else {}),
-                     sweep_then_gptq=not a.no_sweep_then_gptq)
+                     sweep_then_gptq=not a.no_sweep_then_gptq, refit=a.refit)
     out = refine_model(model, plan, fit, held, config=cfg, gptq=True, model_type=model.config.model_type,
                        keep_hessians=True)
     ours_s = time.perf_counter() - t0
@@ -87,7 +90,8 @@ def main() -> None:
     methods: dict[str, int] = {}
     for d in out.decisions.values():
         methods[d.method] = methods.get(d.method, 0) + 1
-    print(f"decisions: {methods}  (GPTQ dampings {cfg.dampening}, sweep then GPTQ {cfg.sweep_then_gptq})")
+    print(f"decisions: {methods}  (GPTQ dampings {cfg.dampening}, sweep then GPTQ {cfg.sweep_then_gptq}, "
+          f"refit {cfg.refit})")
     if a.decisions:
         import dataclasses
         import json

@@ -28,6 +28,7 @@ from pq_lightning.formats import (
 )
 from pq_lightning.formats.e2m1 import (
     E2M1_VALUES,
+    E2M1Table,
     e2m1_codes,
     e2m1_decode,
     e2m1_round,
@@ -116,6 +117,23 @@ def test_e2m1_rounding_table_and_ties():
     assert torch.equal(e2m1_round(dense), e2m1_decode(e2m1_codes(dense)))
     assert e2m1_codes(torch.tensor([-0.1])).item() == 8  # negative zero keeps its sign bit
     assert torch.equal(e2m1_decode(torch.arange(8, dtype=torch.uint8)), torch.tensor(E2M1_VALUES))
+
+
+def test_fast_e2m1_rounding_is_bit_identical_to_e2m1_codes():
+    """The key/table rounding (e2m1_round, GPTQ's column loop and sweep), on boundaries, their
+    neighbours, signed zeros, infinities and random values."""
+    b = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 3.0, 4.0])
+    up, down = torch.nextafter(b, torch.tensor(100.0)), torch.nextafter(b, torch.tensor(-100.0))
+    edge = torch.cat([b, up, down, torch.arange(-60, 61) / 8, torch.tensor([0.0, 7.0, 1e-45, 3e38, float("inf")])])
+    x = torch.cat([edge, -edge, torch.randn(100_000) * 3, torch.randn(1000) * 1e-3])
+    lut = E2M1Table.on(x.device)
+    key = lut.key(8 * x)
+    assert torch.equal(lut.codes(key, torch.signbit(x)), e2m1_codes(x))
+    v = torch.copysign(lut.magnitude[key.long()], x)
+    assert torch.equal(v.view(torch.int32), e2m1_decode(e2m1_codes(x)).view(torch.int32))  # -0 included
+    assert torch.equal(e2m1_round(x).view(torch.int32), v.view(torch.int32))
+    nan = e2m1_round(torch.tensor([float("nan"), 1.0, -float("inf")]))
+    assert bool(nan[0].isnan()) and nan[1:].tolist() == [1.0, -6.0]
 
 
 def test_nibble_packing_matches_compressed_tensors():
@@ -245,11 +263,14 @@ def test_non_finite_weights_raise_and_name_the_tensor(name):
     w[1, 2] = float("nan")
     with pytest.raises(NonFiniteTensorError, match="weight"):
         get_format(name).pack(w)
-    x = torch.randn(4, 32)
-    x[0, 0] = float("inf")
-    if get_format(name).quantizes_activations:
-        with pytest.raises(NonFiniteTensorError, match="activation"):
-            get_format(name).fake_quant_activation(x)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(4, 32)
+        x[3, 17] = bad
+        if get_format(name).quantizes_activations:
+            with pytest.raises(NonFiniteTensorError, match="activation"):
+                get_format(name).fake_quant_activation(x)
+            with pytest.raises(NonFiniteTensorError, match="activation"):
+                get_format(name).fake_quant_activation(x, torch.tensor([100.0]))
 
 
 def test_registry_accepts_user_formats():

@@ -11,6 +11,7 @@ from pq_lightning.formats.e2m1 import e2m1_codes, e2m1_decode
 from pq_lightning.formats.fp8 import fp8_round
 from pq_lightning.formats.nvfp4 import fp8_group_scales
 from pq_lightning.gptq import (
+    CandidateError,
     GPTQConfig,
     accumulate_hessian,
     gptq_fp8,
@@ -119,20 +120,6 @@ def test_output_errors_batch_equals_plain_fp64_traces(monkeypatch):
     assert output_error(W, W_hats[1], H2) == pytest.approx(float(got[1, 1]), rel=1e-12)
 
 
-def test_fast_e2m1_rounding_is_bit_identical_to_e2m1_codes():
-    """The key/table rounding used by the column loop and the sweep, on boundaries, their
-    neighbours, signed zeros, infinities and random values."""
-    b = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 3.0, 4.0])
-    up, down = torch.nextafter(b, torch.tensor(100.0)), torch.nextafter(b, torch.tensor(-100.0))
-    edge = torch.cat([b, up, down, torch.arange(-60, 61) / 8, torch.tensor([0.0, 7.0, 1e-45, 3e38, float("inf")])])
-    x = torch.cat([edge, -edge, torch.randn(100_000) * 3, torch.randn(1000) * 1e-3])
-    lut = gptq_mod._E2M1Lut(x.device)
-    key = lut.key(8 * x)
-    assert torch.equal(lut.codes(key, torch.signbit(x)), e2m1_codes(x))
-    v = torch.copysign(lut.magnitude[key.long()], x)
-    assert torch.equal(v.view(torch.int32), e2m1_decode(e2m1_codes(x)).view(torch.int32))  # -0 included
-
-
 def test_gptq_and_sweep_fall_back_to_the_reference_rounding_for_extreme_global_scales():
     """With a global scale so large that eff / 8 could leave fp32's normal range, the column loop
     and the sweep use e2m1_codes itself; results still match the plain loop / RTN rules."""
@@ -216,6 +203,33 @@ def test_gate_reverts_to_rtn_when_gptq_overfits():
     assert _same_nvfp4(res.quantized, rtn)
     assert torch.equal(res.w_hat, rtn.dequantize())
     assert res.heldout_gain == 0.0
+    # RTN kept: nothing to refit, the same bits with an H_refit given
+    again = refine_nvfp4(W, H_fit, H_held, global_scale=gs, H_refit=(H_fit + H_held) / 2)
+    assert not again.refit and "refit" not in again.candidates and _same_nvfp4(again.quantized, rtn)
+
+
+def test_refit_solves_the_chosen_recipe_on_all_tokens(correlated):
+    """The gate picks on held-out tokens; the kept weight is that recipe (method, damping) solved on
+    ``H_refit``, scored under ``"refit"``; the gate's own record is unchanged."""
+    W, H_fit, H_held, gs = correlated
+    H_all = (H_fit + H_held) / 2
+    plain = refine_nvfp4(W, H_fit, H_held, global_scale=gs)
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, H_refit=H_all)
+    assert (res.method, res.damp) == (plain.method, plain.damp) and res.method.endswith("gptq")
+    assert {k: v for k, v in res.candidates.items() if k != "refit"} == plain.candidates
+    scale = scale_sweep_nvfp4(W, H_all, global_scale=gs).scale if res.method == "sweep+gptq" else None
+    cfg = GPTQConfig()
+    want = gptq_nvfp4(W, H_all, global_scale=gs, damp=res.damp, scale=scale, act_order=cfg.act_order,
+                      search_grid=cfg.sweep_grid if cfg.scale_search else None)
+    assert res.refit and _same_nvfp4(res.quantized, want) and torch.equal(res.w_hat, want.dequantize())
+    assert not _same_nvfp4(res.quantized, plain.quantized)
+    fit, held = output_errors(W, [res.w_hat], [H_fit, H_held])[0].tolist()
+    assert res.candidates["refit"] == CandidateError(fit=fit, heldout=held)
+    off = refine_nvfp4(W, H_fit, H_held, global_scale=gs, H_refit=H_all, config=GPTQConfig(refit=False))
+    assert not off.refit and _same_nvfp4(off.quantized, plain.quantized)
+    fp8 = refine_fp8(W, H_fit, H_held, H_refit=H_all)
+    assert fp8.refit and torch.equal(fp8.quantized["weight"].view(torch.uint8),
+                                     gptq_fp8(W, H_all, damp=fp8.damp, act_order=True)["weight"].view(torch.uint8))
 
 
 def test_packed_bytes_decode_to_the_weight_gptq_used(correlated):
@@ -253,15 +267,31 @@ def test_diagonal_hessian_gives_rtn_exactly():
 
 
 # ---- reference loops ------------------------------------------------------------------------------
-def _plain_gptq_nvfp4(W: torch.Tensor, H: torch.Tensor, gs: torch.Tensor, damp: float):
-    """One column at a time, no blocks: scale at group entry from the current weights."""
+def _plain_gptq_nvfp4(W: torch.Tensor, H: torch.Tensor, gs: torch.Tensor, damp: float, search=None):
+    """One column at a time, no blocks: scale at group entry from the current weights (with
+    ``search``: per row, the multiplier of the amax whose plainly rounded group has the least
+    ``Δᵀ (U_ggᵀ U_gg)⁻¹ Δ``, first minimum kept, 1 tried first)."""
     W = W.clone().float()
     U = _upper_inverse_factor(H, damp)
     codes = torch.zeros(W.shape, dtype=torch.uint8)
     scales = torch.zeros(W.shape[0], W.shape[1] // 16, dtype=torch.float8_e4m3fn)
     for j in range(W.shape[1]):
         if j % 16 == 0:
-            scales[:, j // 16] = fp8_group_scales(W[:, j : j + 16].abs().amax(1), gs)
+            amax = W[:, j : j + 16].abs().amax(1)
+            scales[:, j // 16] = fp8_group_scales(amax, gs)
+            if search:
+                Ug = U[j : j + 16, j : j + 16].double()
+                block_inv = torch.linalg.inv(Ug.T @ Ug)  # the group's block of the remaining inverse Hessian
+                for r in range(W.shape[0]):
+                    best = None
+                    for m in [1.0] + [m for m in search if m != 1.0]:
+                        sc = fp8_group_scales(amax[r : r + 1] * m, gs)
+                        eff = sc.float() / gs
+                        d = (e2m1_decode(e2m1_codes(W[r, j : j + 16] / eff)) * eff - W[r, j : j + 16]).double()
+                        loss = float(d @ block_inv @ d)
+                        if best is None or loss < best[0] * (1 - 1e-9):
+                            best = (loss, sc)
+                    scales[r, j // 16] = best[1][0]
         eff = scales[:, j // 16].float() / gs
         codes[:, j] = e2m1_codes(W[:, j] / eff)
         err = (W[:, j] - e2m1_decode(codes[:, j]) * eff) / U[j, j]
@@ -285,6 +315,26 @@ def test_blocked_gptq_matches_a_plain_column_loop():
     assert torch.equal(q128.codes, codes)
 
 
+def test_scale_search_in_the_loop_matches_a_plain_search():
+    """Scales chosen at each group's entry among multipliers of its current amax by the loss after
+    feedback ‖U_gg⁻ᵀ Δ‖², as a plain per-row search with the explicit block inverse does."""
+    torch.manual_seed(6)
+    W = torch.randn(8, 64)
+    x = torch.randn(256, 64) @ torch.randn(64, 64)
+    H, _ = accumulate_hessian(None, x, 0)
+    gs = NVFP4.global_scale(W)
+    grid = (0.8, 0.9, 1.0, 1.1, 1.2)
+    codes, scales = _plain_gptq_nvfp4(W, H, gs, damp=0.01, search=grid)
+    q = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=32, search_grid=grid)
+    assert torch.equal(q.scale.view(torch.uint8), scales.view(torch.uint8))
+    assert torch.equal(q.codes, codes)
+    plain = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=32)
+    assert not torch.equal(q.scale.view(torch.uint8), plain.scale.view(torch.uint8))  # the search moved some
+    # a grid of 1 alone is the amax rule, bit for bit
+    same = gptq_nvfp4(W, H, global_scale=gs, damp=0.01, block_size=32, search_grid=(1.0,))
+    assert torch.equal(same.codes, plain.codes)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_batched_candidates_equal_solving_each_alone(correlated, act_order):
     """One column loop over several (damping, scales) candidates gives each one's own result, bit
@@ -301,6 +351,18 @@ def test_batched_candidates_equal_solving_each_alone(correlated, act_order):
             assert torch.equal(q.codes, q_ref.codes)
             assert torch.equal(q.scale.view(torch.uint8), q_ref.scale.view(torch.uint8))
             assert torch.equal(w_hat, w_ref) and torch.equal(w_hat, q.dequantize())
+    # a factor cache shared by two Linears of one H (fused siblings): each damping factored once,
+    # every result unchanged
+    cache: dict = {}
+    for weight in (W, W.flip(0)):
+        got = gptq_nvfp4_candidates(weight, H_fit, global_scale=gs, candidates=members, act_order=act_order,
+                                    block_size=32, factor_cache=cache)
+        ref = gptq_nvfp4_candidates(weight, H_fit, global_scale=gs, candidates=members, act_order=act_order,
+                                    block_size=32)
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(got, ref, strict=True))
+    assert sorted(cache) == [(0.01, act_order), (0.03, act_order), (0.1, act_order)]
+    if not act_order:
+        assert torch.equal(cache[(0.01, False)], inverse_hessian_factor(H_fit, 0.01)[0])
     # the candidates differ from each other (the batch does not collapse them)
     assert not torch.equal(alone[0][0].codes, alone[1][0].codes)
     assert not torch.equal(alone[0][0].codes, alone[2][0].codes)

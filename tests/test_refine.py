@@ -11,7 +11,7 @@ import torch
 
 from pq_lightning.formats import get_format
 from pq_lightning.formats.nvfp4 import global_scale_from_amax
-from pq_lightning.gptq import GPTQConfig, output_error
+from pq_lightning.gptq import GPTQConfig, gptq_fp8, gptq_nvfp4, output_error, scale_sweep_nvfp4
 from pq_lightning.models import find_body_linears
 from pq_lightning.refine import refine_model
 from pq_lightning.served import apply_fake_quant
@@ -120,9 +120,21 @@ def test_packed_decodes_to_the_decided_weight(refined):
         W = linears[name].weight.detach().float()
         w_hat = fmt.unpack(packed)
         d = out.decisions[name]
-        assert output_error(W, w_hat, h["heldout"] / h["n_heldout"]) == pytest.approx(d.heldout_chosen, rel=1e-12)
-        assert output_error(W, w_hat, h["fit"] / h["n_fit"]) == pytest.approx(d.errors[
-            d.method if d.damp is None else f"{d.method}@{d.damp:g}"]["fit"], rel=1e-12)
+        # the packed weight is the refit of the chosen recipe (GPTQConfig.refit) unless RTN was kept
+        assert d.refit == (d.method != "rtn")
+        key = "refit" if d.refit else (d.method if d.damp is None else f"{d.method}@{d.damp:g}")
+        assert output_error(W, w_hat, h["heldout"] / h["n_heldout"]) == pytest.approx(d.errors[key]["heldout"], rel=1e-12)
+        assert output_error(W, w_hat, h["fit"] / h["n_fit"]) == pytest.approx(d.errors[key]["fit"], rel=1e-12)
+        if d.refit:  # the recipe solved again on every calibration token, bit for bit
+            H_all = (h["fit"] + h["heldout"]) / (h["n_fit"] + h["n_heldout"])
+            gs = packed["weight_global_scale"]
+            scale = scale_sweep_nvfp4(W, H_all, global_scale=gs).scale if d.method.startswith("sweep") else None
+            want = (scale_sweep_nvfp4(W, H_all, global_scale=gs) if d.method == "sweep" else
+                    gptq_nvfp4(W, H_all, global_scale=gs, damp=d.damp, scale=scale, act_order=CONFIG.act_order,
+                               search_grid=CONFIG.sweep_grid if CONFIG.scale_search else None))
+            assert torch.equal(w_hat, want.dequantize()), name
+        else:
+            assert output_error(W, w_hat, h["heldout"] / h["n_heldout"]) == pytest.approx(d.heldout_chosen, rel=1e-12)
     n_tokens = (N_FIT * SEQ, N_HELD * SEQ)
     assert all((h["n_fit"], h["n_heldout"]) == n_tokens for h in out.hessians.values())
 
@@ -371,12 +383,17 @@ def test_fp8_gptq_is_gated_and_bf16_models_work():
     linears = dict(model.named_modules())
     fp8 = get_format("fp8")
     for name, d in out.decisions.items():
-        assert set(d.errors) == {"rtn", "gptq@0.01"}
-        assert d.heldout_chosen <= d.heldout_rtn
+        assert set(d.errors) == {"rtn", "gptq@0.01"} | ({"refit"} if d.refit else set())
+        assert d.refit == (d.method == "gptq") and d.heldout_chosen <= d.heldout_rtn
         h = next(v for g, v in out.hessians.items() if name in g)
         W = linears[name].weight.detach().float()
         err = output_error(W, fp8.unpack(out.packed[name]), h["heldout"] / h["n_heldout"])
-        assert err == pytest.approx(d.heldout_chosen, rel=1e-12)
+        assert err == pytest.approx(d.errors["refit" if d.refit else d.method if d.damp is None else
+                                             f"{d.method}@{d.damp:g}"]["heldout"], rel=1e-12)
+        if d.refit:  # FP8 GPTQ refitted on every calibration token
+            H_all = (h["fit"] + h["heldout"]) / (h["n_fit"] + h["n_heldout"])
+            want = fp8.unpack(gptq_fp8(W, H_all, damp=d.damp, act_order=True))
+            assert torch.equal(fp8.unpack(out.packed[name]), want), name
     assert sum(d.method == "gptq" for d in out.decisions.values()) >= 1
 
 

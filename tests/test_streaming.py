@@ -143,7 +143,10 @@ def test_refine_and_export_streamed_equal_in_memory(saved_llama, tmp_path, offlo
     plan["model.layers.1.self_attn.o_proj"] = "bf16"
     config = GPTQConfig(dampening=(0.01,))
     ref = refine_model(model, plan, fit, held, config=config)
+    loads_before = st.loads
     out = refine_model(streamed, plan, fit, held, config=config)
+    # the capture forwards run no layer (nothing loaded); the walk loads each of the 4 layers once
+    assert st.loads - loads_before == 4 and not st.resident_layers()
     assert st.peak_resident_bytes <= int(cap_gb * GIB)
     assert out.input_amax == ref.input_amax
     assert out.packed.keys() == ref.packed.keys() and len(out.packed) == len(names) - 1
