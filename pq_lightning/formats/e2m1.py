@@ -64,9 +64,9 @@ class E2M1Table:
         keys = [key / 16 for key in range(self.KEY_MAX + 1)]  # a representative |x| per key
         idx = torch.tensor([sum((a > b) or (a == b and up) for b, up in self._BOUNDS) for a in keys])
         self.index = idx.to(device=device, dtype=torch.uint8)
-        self.magnitude = e2m1_decode(idx.to(torch.uint8)).to(device)
-        # one more entry for NaN keys (e2m1_round maps NaN to NaN, as the arithmetic rule does)
-        self.magnitude_nan = torch.cat([self.magnitude, torch.tensor([float("nan")], device=device)])
+        # one more entry, for NaN keys (e2m1_round maps NaN to NaN, as the arithmetic rule does)
+        nan = torch.tensor([float("nan")])
+        self.magnitude = torch.cat([e2m1_decode(idx.to(torch.uint8)), nan]).to(device)
 
     @classmethod
     def on(cls, device: torch.device) -> E2M1Table:
@@ -87,7 +87,7 @@ class E2M1Table:
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (fp32) rounded to the nearest signed E2M1 value; NaN stays NaN."""
         key = self.key(x * 8.0).nan_to_num_(nan=self.KEY_MAX + 1)
-        return torch.copysign(self.magnitude_nan[key.long()], x)
+        return torch.copysign(self.magnitude[key.long()], x)
 
 
 def e2m1_round(scaled: torch.Tensor) -> torch.Tensor:
