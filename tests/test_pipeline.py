@@ -14,6 +14,7 @@ from pq_lightning.formats import get_format
 from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, quantize
 from pq_lightning.plan import Plan
 from pq_lightning.served import load_quantized_checkpoint
+from pq_lightning.smooth import SmoothConfig
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
@@ -72,6 +73,28 @@ def test_quantize_end_to_end_and_reuse(tmp_path, tiny_model_dir):
     for png in ("pareto.png", "sensitivity.png", "formats-6bpp.png"):
         assert (out / png).stat().st_size > 1000
     assert "vllm serve" in (out / "report.md").read_text()
+    # smoothing (on by default) folds scales into a norm only where all its consumers took NVFP4 and the
+    # search found a fold that pays; the checkpoint carries those norms (a power of two per channel off
+    # the source's) and leaves every other norm as it was
+    from safetensors.torch import load_file
+
+    src = load_file(next(tiny_model_dir.glob("*.safetensors")))
+    got = load_file(ckpt / "model-00001-of-00001.safetensors")
+    alphas = report["smooth"]["alphas"]
+    assert set(alphas.values()) <= {0.25, 0.5, 0.75} and len(alphas) == report["smooth"]["folded"]
+    norms = 0
+    for i in range(2):
+        for norm, consumers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            name = f"model.layers.{i}.{norm}"
+            ratio = src[f"{name}.weight"].float() / got[f"{name}.weight"].float()
+            if name in alphas:
+                assert all(plan.formats[f"model.layers.{i}.{c}"] == "nvfp4" for c in consumers), name
+                assert torch.equal(torch.exp2(torch.log2(ratio).round()), ratio) and not torch.all(ratio == 1), name
+                norms += 1
+            else:
+                assert torch.all(ratio == 1), name
+    assert norms >= 1
     # the sweep's predicted Δloss falls as the budget grows; 4.5 is read as the all-NVFP4 build
     pareto = report["pareto"]
     assert [p["target_bits"] for p in pareto] == [4.5, 5.0, 6.0, 7.0, 8.0]
@@ -169,9 +192,10 @@ def test_streamed_layers_under_a_memory_cap_give_the_same_build(tmp_path, tiny_m
     cap_gb = 0.7 * sum(p.numel() * 4 for p in model.parameters()) / 2**30
     settings = {**_settings(tmp_path), "pareto_bits": [6.0]}
     reports = {}
+    # smoothing needs the layers in memory (streamed ones are re-read from disk): off in both builds here
     for tag, extra in (("whole", {}), ("streamed", {"memory_cap_gb": cap_gb})):
         reports[tag] = quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / tag), target_bits=6.0,
-                                **settings, **extra)
+                                smooth=SmoothConfig(enabled=False), **settings, **extra)
     a, b = reports["whole"], reports["streamed"]
     assert a["formats"] == b["formats"] and a["predicted_dloss"] == b["predicted_dloss"]
     assert a["bpp_body"] == b["bpp_body"] and a["eval"] == b["eval"]

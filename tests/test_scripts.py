@@ -435,8 +435,10 @@ def test_bench_vs_peers_times_the_default_configs_settings(peers_bench):
     import yaml
 
     from pq_lightning.pipeline import RefineConfig
+    from pq_lightning.smooth import SmoothConfig
 
     got = peers_bench.default_config_settings()
     cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m.yaml").read_text())
     assert got["formats"] == cfg["formats"] == ["nvfp4", "fp8"] and got["estimator"] == cfg["estimator"] == "output"
     assert got["refine"] == RefineConfig(**cfg["refine"]) and got["refine"].dampening == [0.01, 0.1]
+    assert got["smooth"] == SmoothConfig(**cfg["smooth"]) and got["smooth"].enabled and got["smooth"].search

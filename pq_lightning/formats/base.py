@@ -55,6 +55,10 @@ class QuantFormat(ABC):
     quantizes_weights: bool = True
     #: ``True`` when the serving kernel quantizes the Linear's input too (W4A4, W8A8).
     quantizes_activations: bool = False
+    #: ``True`` when the input is quantized in small groups under one static scale (NVFP4 W4A4), where
+    #: moving activation range into the weights pays (:mod:`pq_lightning.smooth`). Per-token FP8
+    #: activations have the range already, and per-row FP8 weight scales cannot take column outliers.
+    smooth_inputs: bool = False
     #: Names of the tensors :meth:`pack` writes for one Linear, in compressed-tensors' spelling.
     tensor_names: tuple[str, ...] = ()
 

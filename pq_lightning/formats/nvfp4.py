@@ -69,6 +69,7 @@ class NVFP4(QuantFormat):
 
     name = "nvfp4"
     quantizes_activations = True
+    smooth_inputs = True
     tensor_names = ("weight_packed", "weight_scale", "weight_global_scale")
     group_size = GROUP_SIZE
 
@@ -217,3 +218,4 @@ class NVFP4A16(NVFP4):
 
     name = "nvfp4a16"
     quantizes_activations = False
+    smooth_inputs = False

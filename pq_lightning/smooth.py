@@ -1,0 +1,374 @@
+"""Activation smoothing: per-input-channel scales moved from the activations into the weights.
+
+W4A4 NVFP4 error is mostly activation error (SmolLM2-135M at 4.5 bpp, WikiText-2: kl_conf 0.265 with
+weights and activations quantized, 0.087 with the same weights and BF16 activations). A few input
+channels carry most of an activation's range, and every 16-element group that holds one of them is
+quantized on a coarse grid. Dividing input channel ``j`` by ``s_j`` and multiplying the consumer
+Linears' column ``j`` by ``s_j`` leaves the function unchanged and moves range from the activations
+(quantized per token at serve time) into the weights (quantized once, with GPTQ):
+
+    s_j = amax_x[j] ** alpha / amax_W[:, j] ** (1 - alpha)        (SmoothQuant, Xiao et al. 2023)
+
+with ``amax_x`` over the calibration tokens and ``amax_W`` over every consumer of the input. ``s`` is
+rounded to a power of two, so folding it is exact in any floating dtype: the smoothed model computes
+bit for bit what the original computes (the evaluation's reference is unchanged).
+
+The scales are folded into the producer of the input, found by running the model, never by name:
+
+* a norm whose output tensor is the consumers' input (``input_layernorm`` -> q/k/v; the norm before
+  the MLP -> gate/up), when its output is linear in its ``weight`` (checked on the norm itself:
+  Llama / Qwen / Gemma-4 RMSNorm are; a ``1 + weight`` norm is skipped);
+* the ``up_proj`` rows of a gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) -> ``down_proj``.
+
+The attention output (-> ``o_proj``) is left alone: its channels mix heads that grouped-query
+attention ties together. After folding the whole model is checked on a calibration window; if the
+logits moved, every fold is undone and smoothing is reported as skipped.
+
+The pipeline collects the statistics once and, per budget, folds only the mappings whose consumers
+all take a format with ``smooth_inputs`` (NVFP4 W4A4): measured on SmolLM2, smoothing in front of
+FP8 W8A8 Linears hurts (per-row FP8 weight scales cannot take column outliers, per-token FP8
+activations did not need it). The folds come before GPTQ and export and are undone before the next
+budget. The output is still a plain Hugging Face model: norms and Linears are changed in place and
+exported as they are (vLLM needs no support for smoothing).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .formats.base import QuantFormat
+
+#: Floor of an amax before the power (an all-zero channel or column would give 0 or inf).
+AMAX_FLOOR = 1e-5
+#: Largest |log2 s|: a channel is scaled by at most 2**16 either way.
+MAX_LOG2_SCALE = 16
+
+
+@dataclass(frozen=True)
+class SmoothConfig:
+    """Activation smoothing in front of NVFP4 W4A4 Linears (SmoothQuant scales, rounded to powers of two).
+
+    ``alpha`` trades activation range for weight range: 0 leaves the activations alone, 1 makes
+    every input channel's calibration amax one. With ``search`` (the default) each mapping takes the
+    grid's alpha, or no fold, whose consumers' RTN output error (weights and inputs quantized) on
+    ``search_tokens`` calibration rows is least; ``alpha`` is then only the fallback for a mapping
+    with no format to search with. An empty ``search`` folds ``alpha`` everywhere.
+    """
+
+    enabled: bool = True
+    alpha: float = 0.5
+    search: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    search_tokens: int = 256
+
+    @property
+    def active(self) -> bool:
+        """False when nothing would be folded (disabled, or alpha 0 with no search)."""
+        return self.enabled and (self.alpha > 0 or bool(self.search))
+
+    def __post_init__(self) -> None:
+        for a in [self.alpha, *self.search]:
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"smooth alpha values must lie in [0, 1], got {a}; 0.5 is the measured default")
+        if self.search_tokens < 1:
+            raise ValueError(f"smooth.search_tokens must be >= 1, got {self.search_tokens}")
+
+
+@dataclass
+class SmoothMapping:
+    """One fold: ``producer`` (a norm, or the Linear whose rows make the input) and its consumers."""
+
+    producer: str
+    consumers: list[str]
+    kind: str  # "norm" or "linear_rows"
+
+
+@dataclass
+class SmoothStats:
+    """What :func:`find_mappings` measured: the mappings, each one's per-channel input amax, and a
+    strided sample of its input rows (for the per-mapping search; empty when not asked for)."""
+
+    mappings: list[SmoothMapping]
+    amax: dict[str, torch.Tensor]
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SmoothResult:
+    """What :func:`smooth_model` did: the mappings folded, their scales, and what was skipped."""
+
+    mappings: list[SmoothMapping] = field(default_factory=list)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # producer -> s (fp32)
+    skipped: list[str] = field(default_factory=list)
+    max_logit_change: float | None = None
+    alphas: dict[str, float] = field(default_factory=dict)  # producer -> the alpha folded
+
+    def summary(self) -> dict:
+        spread = [float(s.max() / s.min()) for s in self.scales.values()]
+        return {
+            "folded": len(self.mappings),
+            "consumers": sum(len(m.consumers) for m in self.mappings),
+            "skipped": list(self.skipped),
+            "max_scale_ratio": max(spread) if spread else None,
+            "max_logit_change": self.max_logit_change,
+            "alphas": dict(self.alphas),
+        }
+
+
+def smoothing_scales(x_amax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Power-of-two SmoothQuant scales ``2**round(log2(amax_x**a / amax_W**(1-a)))`` per input channel."""
+    w_amax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+    if w_amax.shape != x_amax.shape:
+        raise ValueError(f"activation amax has {tuple(x_amax.shape)} channels, the weights {tuple(w_amax.shape)}")
+    log2 = alpha * torch.log2(x_amax.float().clamp_min(AMAX_FLOOR)) - (1 - alpha) * torch.log2(
+        w_amax.clamp_min(AMAX_FLOOR)
+    )
+    return torch.exp2(torch.round(log2).clamp(-MAX_LOG2_SCALE, MAX_LOG2_SCALE))
+
+
+def _norm_like(module: nn.Module, width: int) -> bool:
+    w = getattr(module, "weight", None)
+    return (
+        not isinstance(module, nn.Linear)
+        and isinstance(w, nn.Parameter)
+        and w.dim() == 1
+        and w.numel() == width
+        and len(list(module.children())) == 0
+    )
+
+
+def _linear_in_weight(norm: nn.Module, s: torch.Tensor) -> bool:
+    """True when ``norm(x)`` with ``weight / s`` equals ``norm(x) / s`` (checked on a probe input)."""
+    w = norm.weight
+    x = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    with torch.no_grad():
+        before = norm(x).float()
+        saved = w.detach().clone()
+        w.div_(s.to(w.dtype))
+        after = norm(x).float()
+        w.copy_(saved)
+    want = before / s
+    return bool(torch.allclose(after, want, rtol=1e-3, atol=1e-6 * float(want.abs().max().clamp_min(1))))
+
+
+def find_mappings(model: nn.Module, windows: torch.Tensor, *, keep_tokens: int = 0) -> SmoothStats:
+    """Mappings of the decoder layers and each one's per-channel input amax over ``windows`` ``[n, T]``
+    (plus at least ``keep_tokens`` input rows each, fewer than twice as many, strided over the windows).
+
+    The producer of q/k/v's and gate/up's input is found by tensor identity during the forward pass;
+    the gated-MLP fold is taken where ``up_proj`` and ``down_proj`` exist beside ``gate_proj``.
+    """
+    from .models import language_model_layers
+
+    prefix, layers = language_model_layers(model)
+    produced: dict[int, tuple[str, weakref.ref]] = {}  # id(output) -> (norm, its output), this forward
+    consumed: dict[str, str | None] = {}  # consumer -> the norm whose output it was given
+    amax: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    first_consumers: set[str] = set()
+    stride = max(1, windows.numel() // keep_tokens) if keep_tokens else 1
+    hooks = []
+    candidates: list[tuple[str, list[str]]] = []
+
+    def out_hook(name: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                produced[id(output)] = (name, weakref.ref(output))
+        return hook
+
+    def in_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            seen = produced.get(id(x))  # an id outlives its tensor: the weak reference must be this x
+            consumed[name] = seen[0] if seen is not None and seen[1]() is x else None
+            rows = x.detach().reshape(-1, x.shape[-1])
+            a = rows.abs().amax(0).float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            if keep_tokens and name in first_consumers:
+                samples.setdefault(name, []).append(rows[::stride].float().cpu())
+        return hook
+
+    for i, layer in enumerate(layers):
+        base = f"{prefix}.{i}"
+        mods = dict(layer.named_modules())
+        groups = [
+            [n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if isinstance(mods.get(n), nn.Linear)],
+            [n for n in ("mlp.gate_proj", "mlp.up_proj") if isinstance(mods.get(n), nn.Linear)],
+        ]
+        if isinstance(mods.get("mlp.down_proj"), nn.Linear) and len(groups[1]) == 2:
+            groups.append(["mlp.down_proj"])
+        for g in groups:
+            if g:
+                candidates.append((base, g))
+                first_consumers.add(f"{base}.{g[0]}")
+                hooks.append(mods[g[0]].register_forward_pre_hook(in_hook(f"{base}.{g[0]}")))
+                for other in g[1:]:
+                    hooks.append(mods[other].register_forward_pre_hook(in_hook(f"{base}.{other}")))
+        width = next((mods[g[0]].in_features for g in groups[:2] if g), None)
+        if width is not None:
+            for n, m in layer.named_modules():
+                if n and _norm_like(m, width):
+                    hooks.append(m.register_forward_hook(out_hook(f"{base}.{n}")))
+
+    pairs: dict[str, str] = {}  # consumer -> producer seen in every window
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for w in windows:
+                produced.clear()
+                consumed.clear()
+                model(input_ids=w.unsqueeze(0).to(_device(model)))
+                for c, p in consumed.items():
+                    if c not in pairs:
+                        pairs[c] = p
+                    elif pairs[c] != p:
+                        pairs[c] = None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    mappings: list[SmoothMapping] = []
+    for base, g in candidates:
+        names = [f"{base}.{n}" for n in g]
+        if g == ["mlp.down_proj"]:
+            mappings.append(SmoothMapping(f"{base}.mlp.up_proj", names, "linear_rows"))
+            continue
+        producers = {pairs.get(n) for n in names}
+        if len(producers) == 1 and None not in producers:
+            mappings.append(SmoothMapping(producers.pop(), names, "norm"))
+    firsts = [m.consumers[0] for m in mappings if m.consumers[0] in amax]
+    return SmoothStats(mappings, {c: amax[c] for c in firsts},
+                       {c: torch.cat(samples[c]) for c in firsts if c in samples})
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def fold_smoothing(
+    model: nn.Module,
+    stats: SmoothStats,
+    config: SmoothConfig,
+    check_window: torch.Tensor,
+    *,
+    select: Callable[[SmoothMapping], bool] | None = None,
+    formats: Mapping[str, QuantFormat] | None = None,
+) -> SmoothResult:
+    """Fold the scales of ``stats.mappings`` (those ``select`` keeps) into ``model`` in place.
+
+    ``check_window``: token ids ``[1, T]``; the logits on it must not move, else every fold is undone.
+    With ``config.search``, each mapping's alpha (or no fold) is the one whose consumers, quantized
+    in ``formats`` (consumer -> format), miss their unquantized output on ``stats.samples`` least.
+    Undo a result with :func:`unfold_smoothing`.
+    """
+    result = SmoothResult()
+    if not config.active:
+        return result
+    was_training = model.training
+    model.eval()
+    check = check_window.to(_device(model))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        before = model(input_ids=check).logits.float()
+        for m in stats.mappings:
+            if select is not None and not select(m):
+                continue
+            consumers = [modules[c] for c in m.consumers]
+            weights = [c.weight for c in consumers]
+            alpha = config.alpha
+            x = stats.samples.get(m.consumers[0])
+            if config.search and formats is not None and x is not None:
+                alpha = _search_alpha(x, weights, [formats[c] for c in m.consumers], stats.amax[m.consumers[0]],
+                                      config.search)
+                if alpha is None:
+                    continue  # no fold beats leaving this input alone
+            s = smoothing_scales(stats.amax[m.consumers[0]], weights, alpha)
+            producer = modules[m.producer]
+            if m.kind == "norm" and not _linear_in_weight(producer, s.to(producer.weight.device)):
+                result.skipped.append(f"{m.producer}: its output is not linear in its weight")
+                continue
+            _scale(producer, consumers, m.kind, s, inverse=False)
+            result.mappings.append(m)
+            result.scales[m.producer] = s
+            result.alphas[m.producer] = alpha
+        after = model(input_ids=check).logits.float()
+    change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    result.max_logit_change = change
+    if not math.isfinite(change) or change > 1e-3:
+        unfold_smoothing(model, result)
+        result.skipped.append(f"all folds undone: the logits moved by {change:.2e} of their range")
+        result.mappings, result.scales = [], {}
+    model.train(was_training)
+    return result
+
+
+def quantized_output_error(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], s: torch.Tensor | None
+) -> float:
+    """Sum over consumers of ``||x W^T - Q_a(x / s) Q(W s)^T||^2 / ||x W^T||^2`` (fp32, RTN)."""
+    total = 0.0
+    xs = x if s is None else x / s
+    for w, fmt in zip(weights, formats, strict=True):
+        w = w.detach().float().to(x.device)
+        ws = w if s is None else w * s
+        xq = fmt.fake_quant_activation(xs, fmt.calibrate_input_global_scale(xs.abs().amax())) if (
+            fmt.quantizes_activations) else xs
+        y = x @ w.T
+        total += float((y - xq @ fmt.fake_quant(ws).T).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+    return total
+
+
+def _search_alpha(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], x_amax: torch.Tensor,
+    grid: Sequence[float],
+) -> float | None:
+    """The alpha of ``grid`` with the least quantized output error, or None when no fold beats none."""
+    best, best_err = None, quantized_output_error(x, weights, formats, None)
+    for a in grid:
+        err = quantized_output_error(x, weights, formats, smoothing_scales(x_amax, weights, a).to(x.device))
+        if err < best_err:
+            best, best_err = a, err
+    return best
+
+
+def _scale(producer: nn.Module, consumers: Sequence[nn.Module], kind: str, s: torch.Tensor, *, inverse: bool) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' columns by it (or undo)."""
+    down = (lambda t, f: t.mul_(f)) if inverse else (lambda t, f: t.div_(f))
+    up = (lambda t, f: t.div_(f)) if inverse else (lambda t, f: t.mul_(f))
+    w = producer.weight
+    f = s.to(w.device, w.dtype)
+    down(w, f if kind == "norm" else f[:, None])
+    bias = getattr(producer, "bias", None)
+    if kind == "linear_rows" and bias is not None:
+        down(bias, s.to(bias.device, bias.dtype))
+    for c in consumers:
+        up(c.weight, s.to(c.weight.device, c.weight.dtype))
+
+
+def unfold_smoothing(model: nn.Module, result: SmoothResult) -> None:
+    """Undo :func:`fold_smoothing` exactly (power-of-two scales), newest fold first."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for m in reversed(result.mappings):
+            _scale(modules[m.producer], [modules[c] for c in m.consumers], m.kind, result.scales[m.producer],
+                   inverse=True)
+
+
+def smooth_model(
+    model: nn.Module, windows: torch.Tensor, config: SmoothConfig = SmoothConfig(),  # noqa: B008 (frozen)
+    *, select: Callable[[SmoothMapping], bool] | None = None,
+) -> SmoothResult:
+    """Find the mappings on ``windows`` (calibration token ids ``[n, T]``) and fold them; see
+    :func:`fold_smoothing`. The folds are exact, so Linears that stay BF16 lose nothing."""
+    if not config.active:
+        return SmoothResult()
+    if windows.dim() != 2 or windows.shape[0] == 0:
+        raise ValueError(f"smoothing needs calibration windows [n, T] with n >= 1, got {tuple(windows.shape)}")
+    return fold_smoothing(model, find_mappings(model, windows), config, windows[:1], select=select)

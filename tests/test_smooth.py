@@ -1,0 +1,214 @@
+"""Activation smoothing: hand-computed scales, exact folds on Llama and Gemma-4, the W4A4 error it
+removes, and the refusals (a ``1 + weight`` norm, a fold that would change the logits)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pq_lightning.formats import get_format
+from pq_lightning.smooth import SmoothConfig, SmoothMapping, _linear_in_weight, smooth_model, smoothing_scales
+
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
+
+
+def _windows(n: int = 4, t: int = 16) -> torch.Tensor:
+    return torch.randint(4, 128, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_scales_match_a_plain_loop():
+    x_amax = torch.tensor([8.0, 1.0, 0.25, 0.0, 3.0])
+    w1 = torch.tensor([[2.0, -1.0, 4.0, 1.0, 0.5], [0.0, 0.5, -1.0, 0.0, -0.1]])
+    w2 = torch.tensor([[1.0, -4.0, 1.0, 0.0, 0.2]])
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        got = smoothing_scales(x_amax, [w1, w2], alpha)
+        for j in range(5):
+            wa = max(abs(float(w[r, j])) for w in (w1, w2) for r in range(w.shape[0]))
+            raw = max(float(x_amax[j]), 1e-5) ** alpha / max(wa, 1e-5) ** (1 - alpha)
+            want = 2.0 ** max(-16, min(16, round(math.log2(raw))))
+            assert got[j].item() == pytest.approx(want, rel=1e-6), (alpha, j)
+    # by hand, alpha 0.5: sqrt(8 / 2) = 2; sqrt(1 / 4) = 0.5; sqrt(0.25 / 4) = 0.25; zero amax floors at 1e-5
+    assert smoothing_scales(x_amax, [w1, w2], 0.5)[:3].tolist() == [2.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="channels"):
+        smoothing_scales(x_amax[:3], [w1], 0.5)
+    for bad in ({"alpha": 1.5}, {"search": [0.5, -0.1]}, {"search_tokens": 0}):
+        with pytest.raises(ValueError, match="must"):
+            SmoothConfig(**bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_folds_are_exact_and_found_by_dataflow(arch, make_tiny_llama, make_tiny_gemma4):
+    model = (make_tiny_llama() if arch == "llama" else make_tiny_gemma4()).eval()
+    w = _windows()
+    with torch.no_grad():
+        before = model(input_ids=w).logits
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    res = smooth_model(model, w, SmoothConfig(alpha=0.5))
+    with torch.no_grad():
+        after = model(input_ids=w).logits
+    # power-of-two scales: the smoothed model computes exactly what the original does
+    assert torch.equal(before, after)
+    assert res.max_logit_change == 0.0 and res.skipped == []
+    prefix = "model.layers" if arch == "llama" else "model.language_model.layers"
+    mlp_norm = "post_attention_layernorm" if arch == "llama" else "pre_feedforward_layernorm"
+    want = []
+    for i in range(2):
+        want += [
+            (f"{prefix}.{i}.input_layernorm", "norm", ["q_proj", "k_proj", "v_proj"]),
+            (f"{prefix}.{i}.{mlp_norm}", "norm", ["gate_proj", "up_proj"]),
+            (f"{prefix}.{i}.mlp.up_proj", "linear_rows", ["down_proj"]),
+        ]
+    got = [(m.producer, m.kind, [c.rsplit(".", 1)[1] for c in m.consumers]) for m in res.mappings]
+    assert got == want
+    # each consumer's columns carry exactly the scales its producer lost (up_proj: also its rows)
+    state = model.state_dict()
+    for m in res.mappings:
+        s = res.scales[m.producer]
+        assert not torch.all(s == 1)
+        for c in m.consumers:
+            want_w = weights[f"{c}.weight"] * s
+            if c.endswith("up_proj"):
+                want_w = want_w / res.scales[c][:, None]
+            assert torch.equal(state[f"{c}.weight"], want_w), c
+        if m.kind == "norm":
+            assert torch.equal(state[f"{m.producer}.weight"], weights[f"{m.producer}.weight"] / s)
+
+
+def test_smoothing_cuts_the_w4a4_error_of_an_outlier_channel(make_tiny_llama):
+    """An input channel 64x larger than the rest: NVFP4 W4A4 output error of q/k/v falls after smoothing."""
+    model = make_tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] *= 64.0
+    w = _windows(8, 32)
+    fmt = get_format("nvfp4")
+    lin = model.model.layers[0].self_attn.q_proj
+
+    def w4a4_error() -> float:
+        xs = []
+        h = lin.register_forward_pre_hook(lambda mod, args: xs.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            model(input_ids=w)
+        h.remove()
+        x = torch.cat(xs)
+        igs = fmt.calibrate_input_global_scale(x.abs().max())
+        W = lin.weight.detach()
+        y = x @ W.T
+        y_hat = fmt.fake_quant_activation(x, igs) @ fmt.fake_quant(W).T
+        return float((y - y_hat).pow(2).sum() / y.pow(2).sum())
+
+    before = w4a4_error()
+    res = smooth_model(model, w)
+    after = w4a4_error()
+    assert res.scales["model.layers.0.input_layernorm"][5] > 1  # the outlier channel is divided down
+    assert after < 0.5 * before, (before, after)
+
+
+class _OnePlusNorm(nn.Module):
+    """Gemma-3 style: ``x * (1 + weight)``; dividing the weight by s does not divide the output by s."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return x * (1 + self.weight)
+
+
+def test_a_norm_not_linear_in_its_weight_is_refused(make_tiny_llama):
+    s = torch.tensor([2.0, 0.5, 1.0, 4.0])
+    assert not _linear_in_weight(_OnePlusNorm(4), s)
+    norm = make_tiny_llama().model.layers[0].input_layernorm
+    assert _linear_in_weight(norm, torch.full((norm.weight.numel(),), 2.0))
+    saved = norm.weight.detach().clone()
+    _linear_in_weight(norm, torch.full((norm.weight.numel(),), 2.0))
+    assert torch.equal(norm.weight, saved)  # the check leaves the weight as it found it
+
+
+def test_a_fold_that_moves_the_logits_is_undone(make_tiny_llama, monkeypatch):
+    """A wrong mapping (q_proj's input is not made by up_proj): every fold is rolled back, bit for bit."""
+    import pq_lightning.smooth as smooth
+
+    model = make_tiny_llama().eval()
+    w = _windows()
+    real = smooth.find_mappings
+
+    def wrong(model, windows):
+        stats = real(model, windows)
+        bad = SmoothMapping("model.layers.1.mlp.gate_proj", ["model.layers.1.mlp.down_proj"], "linear_rows")
+        stats.amax[bad.consumers[0]] = torch.rand(64) * 10
+        stats.mappings.append(bad)
+        return stats
+
+    monkeypatch.setattr(smooth, "find_mappings", wrong)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = smooth_model(model, w)
+    assert res.mappings == [] and res.scales == {}
+    assert "undone" in res.skipped[-1] and res.max_logit_change > 1e-3
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_disabled_or_alpha_zero_without_search_changes_nothing(make_tiny_llama):
+    model = make_tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for cfg in (SmoothConfig(enabled=False), SmoothConfig(alpha=0.0, search=[])):
+        assert not cfg.active
+        assert smooth_model(model, _windows(), cfg).mappings == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="calibration windows"):
+        smooth_model(model, torch.zeros(0, 8, dtype=torch.long))
+
+
+def test_unfold_restores_every_weight_bit_for_bit_and_select_limits_the_folds(make_tiny_llama):
+    from pq_lightning.smooth import find_mappings, fold_smoothing, unfold_smoothing
+
+    model = make_tiny_llama().eval()
+    w = _windows()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    only_mlp = fold_smoothing(model, find_mappings(model, w), SmoothConfig(), w[:1],
+                              select=lambda m: "mlp" in m.consumers[0])
+    assert [m.producer.rsplit(".", 1)[1] for m in only_mlp.mappings] == ["post_attention_layernorm", "up_proj"] * 2
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and all(".mlp." in k or "post_attention_layernorm" in k for k in changed)
+    unfold_smoothing(model, only_mlp)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_search_keeps_the_alpha_with_the_least_quantized_output_error(make_tiny_llama):
+    from pq_lightning.smooth import _search_alpha, find_mappings, quantized_output_error
+
+    model = make_tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] *= 64.0
+    stats = find_mappings(model, _windows(8, 32), keep_tokens=100)
+    q = "model.layers.0.self_attn.q_proj"
+    x = stats.samples[q]
+    assert x.shape == (128, 32)  # 256 rows, every 2nd
+    names = [q, "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    mods = dict(model.named_modules())
+    weights = [mods[n].weight for n in names]
+    fmt = get_format("nvfp4")
+    # the error by hand for one consumer, no fold
+    W = weights[0].detach()
+    y = x @ W.T
+    y_hat = fmt.fake_quant_activation(x, fmt.calibrate_input_global_scale(x.abs().amax())) @ fmt.fake_quant(W).T
+    assert quantized_output_error(x, weights[:1], [fmt], None) == pytest.approx(
+        float((y - y_hat).pow(2).sum() / y.pow(2).sum()), rel=1e-6)
+    grid = [0.25, 0.5, 0.75]
+    errors = {None: quantized_output_error(x, weights, [fmt] * 3, None)}
+    for a in grid:
+        errors[a] = quantized_output_error(x, weights, [fmt] * 3, smoothing_scales(stats.amax[q], weights, a))
+    best = min(errors, key=errors.get)
+    assert best is not None  # the outlier channel makes some fold pay
+    assert _search_alpha(x, weights, [fmt] * 3, stats.amax[q], grid) == best
+    res = fold_smoothing_with_search(model, stats, grid)
+    assert res.alphas["model.layers.0.input_layernorm"] == best
+
+
+def fold_smoothing_with_search(model, stats, grid):
+    from pq_lightning.smooth import fold_smoothing
+
+    fmts = {n: get_format("nvfp4") for m in stats.mappings for n in m.consumers}
+    return fold_smoothing(model, stats, SmoothConfig(search=grid), _windows()[:1], formats=fmts)
