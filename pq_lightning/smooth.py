@@ -186,10 +186,12 @@ def find_mappings(model: nn.Module, windows: torch.Tensor, *, keep_tokens: int =
             x = args[0]
             seen = produced.get(id(x))  # an id outlives its tensor: the weak reference must be this x
             consumed[name] = seen[0] if seen is not None and seen[1]() is x else None
+            if name not in first_consumers:
+                return  # siblings read the same input: its statistics are the first consumer's
             rows = x.detach().reshape(-1, x.shape[-1])
             a = rows.abs().amax(0).float()
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
-            if keep_tokens and name in first_consumers:
+            if keep_tokens:
                 samples.setdefault(name, []).append(rows[::stride].float().cpu())
         return hook
 
