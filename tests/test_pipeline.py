@@ -11,7 +11,7 @@ import yaml
 from pq_lightning.cli import main
 from pq_lightning.export import checkpoint_tensor_bytes
 from pq_lightning.formats import get_format
-from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, quantize
+from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, TrainerConfig, quantize
 from pq_lightning.plan import Plan
 from pq_lightning.served import load_quantized_checkpoint
 from pq_lightning.smooth import SmoothConfig
@@ -27,7 +27,7 @@ def _settings(tmp_path):
         evaluation=EvalConfig(path=str(tmp_path / "text.txt"), window=31, max_windows=4, batch_size=2),
         refine=RefineConfig(dampening=[0.01, 0.1]),
         pareto_bits=[4.5, 5.0, 6.0, 7.0, 8.0],
-        accelerator="cpu",
+        trainer=TrainerConfig(accelerator="cpu"),
     )
 
 
@@ -38,7 +38,7 @@ def test_quantize_end_to_end_and_reuse(tmp_path, tiny_model_dir):
         "output_dir": str(out),
         "target_bits": 6.0,
         "dtype": "float32",
-        "accelerator": "cpu",
+        "trainer": {"accelerator": "cpu"},
         "pareto_bits": [4.5, 5.0, 6.0, 7.0, 8.0],
         "calibration": {"source": str(tmp_path / "text.txt"), "seqlen": 32, "num_samples": 8, "batch_size": 4,
                         "holdout_fraction": 0.25},

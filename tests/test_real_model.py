@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, quantize
+from pq_lightning.pipeline import CalibrationConfig, EvalConfig, RefineConfig, TrainerConfig, quantize
 from pq_lightning.plan import Plan
 
 pytestmark = pytest.mark.real_model
@@ -31,7 +31,7 @@ def test_smollm2_quantize_6bpp(tmp_path):
         evaluation=EvalConfig(path=eval_path, max_windows=2, batch_size=1),
         refine=RefineConfig(dampening=[0.03], sweep=False),
         pareto_bits=[4.5, 6.0, 8.0],
-        accelerator="cpu",
+        trainer=TrainerConfig(accelerator="cpu"),
     )
     plan = Plan.load(tmp_path / "out" / "plan-6bpp.json")
     assert len(plan.linears) == 210

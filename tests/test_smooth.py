@@ -185,7 +185,7 @@ def test_the_search_keeps_the_alpha_with_the_least_quantized_output_error(make_t
     stats = find_mappings(model, _windows(8, 32), keep_tokens=100)
     q = "model.layers.0.self_attn.q_proj"
     x = stats.samples[q]
-    assert x.shape == (128, 32)  # 256 rows, every 2nd
+    assert x.shape == (100, 32)  # keep_tokens rows of the 256 seen
     names = [q, "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
     mods = dict(model.named_modules())
     weights = [mods[n].weight for n in names]
@@ -212,3 +212,45 @@ def fold_smoothing_with_search(model, stats, grid):
 
     fmts = {n: get_format("nvfp4") for m in stats.mappings for n in m.consumers}
     return fold_smoothing(model, stats, SmoothConfig(search=grid), _windows()[:1], formats=fmts)
+
+
+def test_observer_keeps_a_uniform_sample_of_copied_rows_and_merges_exactly(make_tiny_llama):
+    from pq_lightning.smooth import SmoothingObserver, find_mappings
+
+    model = make_tiny_llama().eval()
+    w = _windows(8, 32)
+    q = "model.layers.1.self_attn.q_proj"
+    # reference: every input row of q_proj and the keys the observer draws (one torch.rand per forward)
+    seen = []
+    h = dict(model.named_modules())[q].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, 32).clone()))
+    stats = find_mappings(model, w, keep_tokens=50, seed=3)
+    h.remove()
+    rows = torch.cat(seen)
+    gen = torch.Generator().manual_seed(3)
+    keys = []
+    for _ in range(8):  # the observer draws for layer 0's q, mlp, down, then layer 1's: same order
+        for _ in range(6):
+            keys.append(torch.rand(32, generator=gen))
+    keys = torch.stack(keys).view(8, 6, 32)[:, 3].reshape(-1)
+    want = rows[torch.topk(keys, 50, largest=False).indices]
+    got = stats.samples[q]
+    assert got.shape == (50, 32)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+    assert torch.equal(stats.amax[q], rows.abs().amax(0))
+    # kept rows are copies: they pin 50 rows, not the windows' activations
+    assert got.untyped_storage().nbytes() == 50 * 32 * 4
+    # two observers over halves merge into the same amax and a sample drawn from the union
+    a, b = SmoothingObserver(model, keep_tokens=50, seed=3), SmoothingObserver(model, keep_tokens=50, seed=4)
+    with torch.no_grad():
+        for obs, half in ((a, w[:4]), (b, w[4:])):
+            for win in half:
+                obs.begin_forward()
+                model(input_ids=win[None])
+                obs.end_forward()
+    a.detach(), b.detach()
+    a.merge(b.state())
+    merged = a.stats()
+    assert torch.equal(merged.amax[q], stats.amax[q])
+    assert [m.producer for m in merged.mappings] == [m.producer for m in stats.mappings]
+    allrows = {tuple(r) for r in rows.tolist()}
+    assert merged.samples[q].shape == (50, 32) and all(tuple(r) in allrows for r in merged.samples[q].tolist())

@@ -1,0 +1,92 @@
+"""Settings of the ``quantize`` stages: explicit, frozen, validated on construction.
+
+Each maps to a block of the YAML configs (``calibration:``, ``probe:``, ``refine:``, ``evaluation:``,
+``trainer:``; ``smooth:`` is :class:`pq_lightning.smooth.SmoothConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration windows (probe, GPTQ Hessians and held-out scoring)."""
+
+    source: str = "builtin"
+    seqlen: int = 512
+    num_samples: int = 64
+    seed: int = 0
+    batch_size: int = 4
+    holdout_fraction: float = 0.125
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise ValueError(f"calibration.seqlen must be >= 2 (BOS + one token), got {self.seqlen}")
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("calibration.num_samples and calibration.batch_size must be >= 1, got "
+                             f"{self.num_samples} and {self.batch_size}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"calibration.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The Fisher probe (:class:`pq_lightning.callbacks.FisherProbe`) as the pipeline runs it.
+
+    ``output_error_tokens``: positions per window on which the output-space error (the ``output``
+    estimator) is measured: a fraction in ``(0, 1]``, a count, or ``None`` for all (exact). A subset is
+    an unbiased estimate at that fraction of the error's cost; the Fisher trace and diagonals always
+    use every token.
+    """
+
+    output_error_tokens: int | float | None = None
+
+    def __post_init__(self) -> None:
+        from .fisher import check_error_tokens
+
+        check_error_tokens(self.output_error_tokens)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol: KL and top-1 agreement against the unquantized model."""
+
+    enabled: bool = True
+    path: str | None = None
+    window: int = 511
+    max_windows: int | None = 16
+    batch_size: int = 2
+    top_k: int = 20
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """GPTQ and the scale sweep on NVFP4 Linears, each kept only when it beats RTN on held-out data;
+    with ``refit`` the chosen recipe is then solved again on all calibration tokens."""
+
+    gptq: bool = True
+    fp8_gptq: bool = False
+    dampening: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
+    block_size: int = 128
+    act_order: bool = True
+    sweep: bool = True
+    refit: bool = True
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The Lightning ``Trainer`` that runs the heavy stages (probe, refine, evaluation).
+
+    ``strategy: ddp`` with ``devices: N`` runs them in N processes (Lightning launches them); every
+    process runs the whole chain, rank zero writes the files.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+
+    def kwargs(self) -> dict:
+        return {"accelerator": self.accelerator, "devices": self.devices, "strategy": self.strategy,
+                "num_nodes": self.num_nodes}

@@ -1,0 +1,83 @@
+"""Counted work: matmul and attention FLOPs of a block of code, as forward-equivalents per token.
+
+:func:`count_flops` wraps ``torch.utils.flop_counter.FlopCounterMode`` with the ops it misses here:
+in-place ``addmm_`` / ``baddbmm_`` (Hessian sums, error sums) and the CPU kernels of scaled
+dot-product attention. :func:`not_counted` switches counting off inside a counted block for work
+that does not scale with the data (a GPTQ solve), so the tally of a stage divided by its tokens and
+by a forward pass's FLOPs per token is the stage's cost per calibration token in forward passes.
+Elementwise work (fake-quantisation, norms) is not counted: on a GPU it rides along the matmuls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.utils import flop_counter as _fc
+
+_aten = torch.ops.aten
+
+
+def _addmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return _fc.mm_flop(a_shape, b_shape)
+
+
+def _baddbmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return _fc.bmm_flop(a_shape, b_shape)
+
+
+def _attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return _fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _attention_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return _fc.sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
+def _extra_ops() -> dict:
+    ops = {_aten.addmm_: _addmm, _aten.baddbmm_: _baddbmm}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _attention),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _attention_backward)):
+        if hasattr(_aten, name):
+            ops[getattr(_aten, name)] = fn
+    return ops
+
+
+class FlopTally:
+    """FLOPs counted so far (summed over every :func:`count_flops` block given this tally)."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+
+    def per_token(self, tokens: int, forward_flops_per_token: float) -> float:
+        """Forward-equivalents per token: the tally over ``tokens`` tokens, in forward passes."""
+        if tokens <= 0 or forward_flops_per_token <= 0:
+            return float("nan")
+        return self.flops / tokens / forward_flops_per_token
+
+
+@contextlib.contextmanager
+def count_flops(tally: FlopTally | None = None) -> Iterator[FlopTally]:
+    """Count the FLOPs of the block into ``tally`` (a new one when None)."""
+    tally = tally if tally is not None else FlopTally()
+    mode = _fc.FlopCounterMode(display=False, custom_mapping=_extra_ops())
+    with mode:
+        yield tally
+    tally.flops += int(mode.get_total_flops())
+
+
+@contextlib.contextmanager
+def not_counted() -> Iterator[None]:
+    """Run the block outside any active counter (and without its per-op overhead)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def forward_flops_per_token(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
+    """FLOPs of one forward pass of ``model`` on ``input_ids`` ``[batch, T]``, per token."""
+    with torch.no_grad(), count_flops() as tally:
+        model(input_ids=input_ids, use_cache=False)
+    return tally.flops / input_ids.numel()

