@@ -13,11 +13,18 @@ Register a new format without editing the core::
         ...
 
     register_format(MyFormat())
+
+Probe, cost, refiner, export and the served model ask a format what it needs through its declared
+capabilities (:class:`QuantFormat`: ``static_input_scale``, ``shares_global_scale``, ``refine``,
+``compact_weight``...), never through its class; :func:`register_format` checks that the
+declarations agree with the methods. :mod:`pq_lightning.formats.fp8_tensor` is a worked example that
+is not registered by default.
 """
 
 from __future__ import annotations
 
 from .base import NonFiniteTensorError, QuantFormat, check_finite
+from .compact import CompactWeight
 from .fp8 import BF16, FP8, FP8W8A16
 from .nvfp4 import NVFP4, NVFP4A16, NVFP4Weight
 
@@ -25,9 +32,10 @@ _REGISTRY: dict[str, QuantFormat] = {}
 
 
 def register_format(fmt: QuantFormat, *, overwrite: bool = False) -> QuantFormat:
-    """Add ``fmt`` to the registry under ``fmt.name`` (lower case)."""
+    """Add ``fmt`` to the registry under ``fmt.name`` (lower case), once its declarations check out."""
     if not isinstance(fmt, QuantFormat):
         raise TypeError(f"register_format takes a QuantFormat instance, got {type(fmt).__name__}")
+    fmt.check_declarations()
     key = fmt.name.lower()
     if not key:
         raise ValueError(f"{type(fmt).__name__} has no name; set the class attribute `name`")
@@ -59,6 +67,7 @@ for _fmt in (NVFP4(), NVFP4A16(), FP8(), FP8W8A16(), BF16()):
 
 __all__ = [
     "BF16",
+    "CompactWeight",
     "FP8",
     "FP8W8A16",
     "NVFP4",
