@@ -45,6 +45,14 @@ def register_format(fmt: QuantFormat, *, overwrite: bool = False) -> QuantFormat
     return fmt
 
 
+def unregister_format(name: str) -> QuantFormat:
+    """Remove the format called ``name`` (case-insensitive) from the registry and return it."""
+    try:
+        return _REGISTRY.pop(name.lower())
+    except KeyError:
+        raise KeyError(f"no format named {name!r} is registered; registered formats: {sorted(_REGISTRY)}") from None
+
+
 def get_format(name: str | QuantFormat) -> QuantFormat:
     """The registered format called ``name`` (case-insensitive)."""
     if isinstance(name, QuantFormat):
@@ -79,4 +87,5 @@ __all__ = [
     "check_finite",
     "get_format",
     "register_format",
+    "unregister_format",
 ]
