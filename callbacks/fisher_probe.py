@@ -69,8 +69,7 @@ from pq_lightning.fisher import (
     token_subset,
     tokens_per_sequence,
 )
-from pq_lightning.formats import FP8, NVFP4, QuantFormat, get_format
-from pq_lightning.formats.e2m1 import e2m1_decode, unpack_codes
+from pq_lightning.formats import CompactWeight, QuantFormat, get_format
 from pq_lightning.sensitivity import Sensitivity, default_meta, save_sensitivity
 from pq_lightning.streaming import ensure_loaded, is_streamed
 
@@ -644,72 +643,31 @@ class _Input:
 class _QuantizedWeight:
     """``fmt.fake_quant(W)`` of one Linear, kept between steps.
 
-    Compact for the built-in formats: FP8 keeps its fp8 codes (1 byte per weight) and row scales,
-    NVFP4 its packed E2M1 codes (half a byte) and group scales, both as :meth:`QuantFormat.pack`
-    writes them; :meth:`decode` turns them back into fp32 through a 256-entry table of byte values
-    (one gather and one multiply, the same arithmetic as ``unpack``). The decoded tensor is checked
-    bit for bit against ``fmt.fake_quant(W)`` when the cache is built; any other format, or a
-    mismatch, keeps the fp32 tensor itself.
+    Compact when the format offers it (:meth:`QuantFormat.compact_weight`: FP8 keeps its fp8 codes,
+    1 byte per weight, and row scales; NVFP4 its packed E2M1 codes, half a byte, and group scales),
+    decoded by table lookup with the same arithmetic as ``unpack``. The decoded tensor is checked
+    bit for bit against ``fmt.fake_quant(W)`` when the cache is built; a format without a compact
+    encoding, or a mismatch, keeps the fp32 tensor itself.
     """
 
-    __slots__ = ("_fp32", "_codes", "_table", "_scale", "_global", "_group")
+    __slots__ = ("_fp32", "_compact")
 
-    _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-    def __init__(self) -> None:
-        self._fp32: torch.Tensor | None = None
-        self._codes: torch.Tensor | None = None
-        self._table: torch.Tensor | None = None
-        self._scale: torch.Tensor | None = None
-        self._global: torch.Tensor | None = None
-        self._group = 0
+    def __init__(self, fp32: torch.Tensor | None = None, compact: CompactWeight | None = None) -> None:
+        self._fp32 = fp32
+        self._compact = compact
 
     @classmethod
     def build(cls, fmt: QuantFormat, w: torch.Tensor, compact: bool = True) -> _QuantizedWeight:
         ref = fmt.fake_quant(w).float()
-        self = cls()
-        if compact and isinstance(fmt, (FP8, NVFP4)) and fmt.quantizes_weights:
-            packed = fmt.pack(w)
-            if isinstance(fmt, NVFP4):
-                self._codes = packed["weight_packed"]
-                self._table = cls._lookup_table("e2m1_pairs", w.device)
-                self._scale = packed["weight_scale"]  # fp8 [out, groups]
-                self._global = packed["weight_global_scale"].float()
-                self._group = self._scale.shape[-1]
-            else:
-                self._codes = packed["weight"].view(torch.uint8)
-                self._table = cls._lookup_table("fp8_e4m3", w.device)
-                self._scale = packed["weight_scale"].float().reshape(-1, 1)
-            if torch.equal(self.decode(), ref):
-                return self
-        self = cls()
-        self._fp32 = ref
-        return self
-
-    @classmethod
-    def _lookup_table(cls, kind: str, device: torch.device) -> torch.Tensor:
-        key = (kind, device)
-        table = cls._TABLES.get(key)
-        if table is None:
-            byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-            if kind == "fp8_e4m3":
-                table = byte.view(torch.float8_e4m3fn).float().nan_to_num(0.0)
-            else:  # the two E2M1 values of a packed byte, in the order unpack_codes puts them
-                table = e2m1_decode(unpack_codes(byte.reshape(256, 1)))
-            table = cls._TABLES[key] = table.to(device)
-        return table
+        cw = fmt.compact_weight(w) if compact and fmt.quantizes_weights else None
+        if cw is not None and torch.equal(cw.decode(), ref):
+            return cls(compact=cw)
+        return cls(fp32=ref)
 
     def decode(self) -> torch.Tensor:
-        if self._fp32 is not None:
-            return self._fp32
-        rows = self._codes.shape[0]
-        values = self._table.index_select(0, self._codes.reshape(-1).long())
-        if self._group:  # NVFP4: [out, groups, 16] values times the effective group scales
-            eff = self._scale.float() / self._global
-            return (values.view(rows, self._group, -1) * eff.unsqueeze(-1)).view(rows, -1)
-        return values.view(rows, -1) * self._scale
+        return self._fp32 if self._fp32 is not None else self._compact.decode()
 
     def nbytes(self) -> int:
         if self._fp32 is not None:
             return self._fp32.numel() * self._fp32.element_size()
-        return sum(t.numel() * t.element_size() for t in (self._codes, self._scale) if t is not None)
+        return self._compact.nbytes()

@@ -13,9 +13,10 @@ compressed-tensors' compressors. ``config.json`` carries a compressed-tensors
 * ``ignore`` = every other Linear (``lm_head``, vision / audio towers, BF16 body Linears);
 * ``quantization_status: compressed``.
 
-Fused siblings (q/k/v, gate/up), which vLLM runs as one matmul, must share one format, and as
-NVFP4 one ``weight_global_scale`` and one ``input_global_scale``; this is checked, and the shared
-scales are derived here for RTN.
+Fused siblings (q/k/v, gate/up), which vLLM runs as one matmul, must share one format, one
+per-tensor weight scale when the format declares ``shares_global_scale`` (NVFP4's
+``weight_global_scale``) and one ``input_global_scale`` when it has ``static_input_scale``; this is
+checked, and the shared scales are derived here for RTN.
 
 The write is atomic: tensors stream module by module into shards in a temporary folder beside
 ``out_dir``, which replaces ``out_dir`` only once complete.
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from .architectures import fused_groups, model_type_of
-from .formats import NVFP4, QuantFormat, get_format
+from .formats import QuantFormat, get_format
 from .streaming import full_state_items, weight_of
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -166,9 +167,10 @@ def resolve_packed(
     """Check ``plan`` and fix the shared scales of every quantized Linear.
 
     Returns ``(formats, weight_global_scale, input_global_scale)``: the format of each planned
-    Linear, and for NVFP4 Linears the weight global scale to pack with (shared by fused siblings;
-    absent for ``quantized`` Linears, whose tensors are written as given) and for W4A4 Linears
-    the ``input_global_scale`` (``448*6/amax``, the max amax over fused siblings).
+    Linear, and for formats with ``shares_global_scale`` (NVFP4) the weight scale to pack with
+    (shared by fused siblings; absent for ``quantized`` Linears, whose tensors are written as given)
+    and for formats with ``static_input_scale`` (W4A4 NVFP4) the ``input_global_scale``
+    (``448*6/amax``, the max amax over fused siblings).
     ``fused_groups=None`` takes the architecture's fused sets (q/k/v, gate/up) among the plan's Linears.
     """
     quantized = quantized or {}
@@ -198,22 +200,20 @@ def resolve_packed(
             continue
         members = group_of.get(name, [name])
         done.update(members)
-        if isinstance(fmt, NVFP4):
-            given = [
-                quantized[m]["weight_global_scale"].float().reshape(1) for m in members if m in quantized
-            ]
+        if fmt.shares_global_scale:
+            key = fmt.global_scale_tensor
+            given = [quantized[m][key].float().reshape(1) for m in members if m in quantized]
             if given:
                 if any(not torch.equal(g, given[0]) for g in given) or len(given) != len(members):
                     raise ValueError(
-                        f"fused siblings {members} must share one weight_global_scale; the given "
-                        "tensors do not (quantize the group with one shared global scale)"
+                        f"fused siblings {members} must share one {key}; the given tensors do not "
+                        f"(quantize the group with one shared scale: {fmt.name}.shared_global_scale)"
                     )
             else:
-                amax = torch.stack([weight_of(model, m).detach().abs().amax().float() for m in members])
-                gs = fmt.global_scale(amax)
+                gs = fmt.shared_global_scale(weight_of(model, m) for m in members)
                 for m in members:
                     weight_gs[m] = gs
-        if fmt.quantizes_activations and fmt.calibrate_input_global_scale(1.0) is not None:
+        if fmt.static_input_scale:
             given_igs = [
                 quantized[m]["input_global_scale"]
                 for m in members

@@ -86,9 +86,9 @@ def fake_quant_activation_per_sequence(
 
     Every sequence gets the activation global scale of its own amax over *all* its positions
     (:data:`ACTIVATION_SCALE_RULE`), so the rows returned for ``positions`` equal the same rows of the
-    full result exactly. A format whose ``calibrate_input_global_scale`` returns ``None`` has no
-    sequence-level parameter: its activation quantisation is taken to be per token (FP8 dynamic),
-    and all sequences go through one call.
+    full result exactly. A format without ``static_input_scale`` has no sequence-level parameter:
+    its activation scales come from each token alone (FP8 per token), and all sequences go through
+    one call.
 
     Returns ``[batch, seq, in]``, or ``[batch, k, in]`` with ``positions``, in ``x``'s dtype (a 3-D
     result even for a non-3-D ``x``, whose one sequence is ``x.reshape(1, -1, in)``).
@@ -97,7 +97,7 @@ def fake_quant_activation_per_sequence(
     rows = None if positions is None else gather_positions(seqs, positions)
     if not fmt.quantizes_activations:
         return seqs if positions is None else rows
-    if not _has_sequence_scale(fmt):
+    if not fmt.static_input_scale:
         return fmt.fake_quant_activation(seqs if positions is None else rows)
     if positions is None:
         return torch.stack([fmt.fake_quant_activation(seq) for seq in seqs.unbind(0)])
@@ -107,11 +107,6 @@ def fake_quant_activation_per_sequence(
         gs = fmt.calibrate_input_global_scale(torch.maximum(lo.abs(), hi.abs()).float())
         out.append(fmt.fake_quant_activation(sel, gs))
     return torch.stack(out)
-
-
-def _has_sequence_scale(fmt: QuantFormat) -> bool:
-    """Whether ``fmt``'s activation quantisation uses a calibrated (here: per-sequence) global scale."""
-    return fmt.calibrate_input_global_scale(1.0) is not None
 
 
 def quantized_output_error(

@@ -20,7 +20,7 @@ How the walk goes
        with every already-decided Linear of the layer in its served state, and the forward stops as
        soon as the group's input is known (at the first member's pre-hook: the members share it):
 
-       * amax pass (only when a member has a static activation scale, W4A4 NVFP4): ``max |x|`` of the
+       * amax pass (only when the format has ``static_input_scale``, W4A4 NVFP4): ``max |x|`` of the
          group's input; all-reduced with MAX across ranks; ``input_global_scale`` =
          ``fmt.calibrate_input_global_scale(amax)``. When the group's inputs over this rank's windows
          take at most ``max_kept_input_bytes`` (default 1 GiB: the inputs of one group, in the
@@ -33,9 +33,11 @@ How the walk goes
 
        Each member is then decided from ``H_fit / n_fit`` and ``H_heldout / n_heldout`` (per-token
        output errors; with ``config.refit`` the chosen recipe is then solved again on
-       ``(H_fit + H_heldout) / (n_fit + n_heldout)``): NVFP4 -> :func:`refine_nvfp4` under the siblings' shared global scale
-       ``448·6 / max_siblings amax|W|``; FP8 -> RTN (``fmt.pack``), or :func:`refine_fp8` when
-       ``fp8_gptq``; BF16 -> untouched; any other registered format -> RTN. ``gptq=False`` makes every
+       ``(H_fit + H_heldout) / (n_fit + n_heldout)``) by ``fmt.refine`` (NVFP4: :func:`~pq_lightning.gptq.refine_nvfp4`;
+       FP8, whose ``refine_by_default`` is off, only with ``fp8_gptq``: :func:`~pq_lightning.gptq.refine_fp8`), under the
+       siblings' shared weight scale ``fmt.shared_global_scale`` when the format declares
+       ``shares_global_scale`` (NVFP4: ``448·6 / max_siblings amax|W|``); a format without ``refine``
+       -> RTN (``fmt.pack``); BF16 -> untouched. ``gptq=False`` makes every
        Linear RTN (the input amax is still calibrated: the export needs it). The decided group is put
        in its served state: weight = the decided ``ŵ`` cast to the weight's dtype, and a pre-hook that
        applies the format's activation fake-quant with the calibrated scale. Later groups of the same
@@ -99,9 +101,7 @@ from .architectures import fused_groups, model_type_of
 from .flops import not_counted
 from .formats import get_format
 from .formats.base import QuantFormat
-from .formats.fp8 import FP8
-from .formats.nvfp4 import NVFP4, global_scale_from_amax
-from .gptq import GPTQConfig, output_error, refine_fp8, refine_nvfp4
+from .gptq import GPTQConfig, output_error
 from .models import language_model_layers
 from .streaming import streamer_of
 
@@ -399,10 +399,6 @@ class _GroupStats:
         self.n[split] += xq.shape[0]
 
 
-def _static_activation_scale(fmt: QuantFormat) -> bool:
-    return bool(fmt.quantizes_activations and fmt.calibrate_input_global_scale(1.0) is not None)
-
-
 def _input_quantizer(fmt: QuantFormat, igs: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     if not fmt.quantizes_activations:
         return lambda x: x
@@ -417,7 +413,7 @@ def _served_input_hook(quantize: Callable[[torch.Tensor], torch.Tensor]):
 
 
 def _rtn(fmt: QuantFormat, W: torch.Tensor, gs: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    packed = fmt.pack(W, global_scale=gs) if isinstance(fmt, NVFP4) else fmt.pack(W)
+    packed = fmt.pack(W) if gs is None else fmt.pack(W, global_scale=gs)
     return packed, fmt.unpack(packed).float()
 
 
@@ -441,14 +437,13 @@ def _decide(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearDecision]:
     """Packed tensors, served weight (fp32) and the decision record of one quantized Linear."""
     Wf = W.detach().float()
-    if gptq and isinstance(fmt, NVFP4):
-        res = refine_nvfp4(Wf, H_fit, H_held, global_scale=gs, config=config, factor_cache=factor_cache,
-                           H_refit=H_refit)
+    res = None
+    if gptq and (fmt.refine_by_default or fp8_gptq):
+        res = fmt.refine(Wf, H_fit, H_held, config=config, global_scale=gs, factor_cache=factor_cache,
+                         H_refit=H_refit)
+    if res is not None:
         packed, w_hat = fmt.pack_quantized(res.quantized), res.w_hat
-    elif gptq and fp8_gptq and isinstance(fmt, FP8):
-        res = refine_fp8(Wf, H_fit, H_held, config=config, H_refit=H_refit)
-        packed, w_hat = dict(res.quantized), res.w_hat
-    else:
+    else:  # no refinement asked for, or the format has none
         packed, w_hat = _rtn(fmt, Wf, gs)
         errs = _errors(Wf, w_hat, H_fit, H_held)
         return packed, w_hat, LinearDecision(name, fmt.name, "rtn", None, {"rtn": errs}, errs["heldout"], errs["heldout"])
@@ -568,7 +563,8 @@ def refine_model(
             then reported on the fit windows).
         config: what GPTQ tries (:class:`GPTQConfig`; default when ``None``).
         gptq: ``False`` makes every Linear RTN (amax is still calibrated).
-        fp8_gptq: also run GPTQ (with the gate) on FP8 Linears; otherwise FP8 is RTN.
+        fp8_gptq: also run ``fmt.refine`` (GPTQ with the gate) on formats whose ``refine_by_default``
+            is off (FP8); otherwise they are RTN.
         model_type: the architecture key for fused siblings (default: the text config's model type).
         groups: the serving groups (fused siblings: one Hessian, shared NVFP4 scales), e.g.
             ``Plan.groups``; default: the architecture's fused sets among the plan's Linears.
@@ -643,7 +639,7 @@ def refine_model(
                 stats = _GroupStats(step.split)
                 igs = None
                 kept = False
-                if _static_activation_scale(fmt):  # amax first, then quantize with it
+                if fmt.static_input_scale:  # amax first, then quantize with it
                     n_in = step.linears[group[0]].in_features
                     kept = n_tokens * n_in * hidden[0].element_size() <= max_kept_input_bytes
                     stats.kept = [] if kept else None
@@ -668,9 +664,8 @@ def refine_model(
                 H_held = H_held / n_held if n_held else H_fit
 
                 gs = None
-                if isinstance(fmt, NVFP4):  # fused siblings share one weight global scale
-                    w_amax = torch.stack([step.linears[m].weight.detach().abs().amax().float() for m in group])
-                    gs = global_scale_from_amax(w_amax.amax())
+                if fmt.shares_global_scale:  # fused siblings share one weight scale
+                    gs = fmt.shared_global_scale(step.linears[m].weight for m in group)
                 amax = float(stats.amax)
                 owner = (
                     owners_of.assign({m: tuple(step.linears[m].weight.shape) for m in group})

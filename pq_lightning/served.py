@@ -292,7 +292,7 @@ def load_quantized_checkpoint(
                 f"{(lin.out_features, lin.in_features)}"
             )
         igs = tensors.get("input_global_scale")
-        if fmt.quantizes_activations and fmt.calibrate_input_global_scale(1.0) is not None and igs is None:
+        if fmt.static_input_scale and igs is None:
             raise KeyError(f"{name}: {fmt.name} needs input_global_scale, which the checkpoint lacks")
         bias = lin.bias if lin.bias is not None and lin.bias.device.type != "meta" else None
         if lin.bias is not None and bias is None:

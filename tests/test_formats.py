@@ -301,6 +301,49 @@ def test_registry_accepts_user_formats():
         get_format("nope")
 
 
+def test_nvfp4_siblings_share_compressed_tensors_global_scale_of_the_fused_weight():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, 64, generator=g) * s for n, s in ((32, 0.02), (16, 0.5), (16, 0.03)))
+    fused = torch.cat([q, k, v])  # the one matmul vLLM runs
+    gs = get_format("nvfp4").shared_global_scale([q, k, v])
+    assert torch.equal(gs, generate_gparam(fused.amin(), fused.amax()))
+    assert torch.equal(gs, get_format("nvfp4").global_scale(k))  # k holds the largest |w|
+
+
+def test_capability_declarations_are_checked_at_registration():
+    class Half(QuantFormat):
+        name = "test_half_declared"
+        quantizes_activations = True
+        tensor_names = ("weight",)
+
+        def bits(self, shape):
+            return shape[0] * shape[1] * 16
+
+        def pack(self, w):
+            return {"weight": w.to(torch.bfloat16)}
+
+        def unpack(self, t):
+            return t["weight"].float()
+
+        def scheme(self, targets):
+            return None
+
+        def calibrate_input_global_scale(self, amax):
+            return torch.tensor([448.0 / float(amax)])
+
+    with pytest.raises(ValueError, match="static_input_scale=False but calibrate_input_global_scale returns a scale"):
+        register_format(Half())
+    Half.static_input_scale = True
+    Half.shares_global_scale = True
+    with pytest.raises(ValueError, match="global_scale_tensor to name one of tensor_names"):
+        register_format(Half())
+    assert "test_half_declared" not in available_formats()
+    for name, static, shares in [("nvfp4", True, True), ("nvfp4a16", False, True), ("fp8", False, False)]:
+        fmt = get_format(name)
+        assert (fmt.static_input_scale, fmt.shares_global_scale) == (static, shares), name
+        assert (fmt.calibrate_input_global_scale(1.0) is not None) == static, name
+
+
 def test_isinstance_of_registered_defaults():
     assert isinstance(get_format("nvfp4"), NVFP4)
     assert isinstance(get_format("fp8"), FP8)

@@ -13,11 +13,18 @@ Register a new format without editing the core::
         ...
 
     register_format(MyFormat())
+
+Probe, cost, refiner, export and the served model ask a format what it needs through its declared
+capabilities (:class:`QuantFormat`: ``static_input_scale``, ``shares_global_scale``, ``refine``,
+``compact_weight``...), never through its class; :func:`register_format` checks that the
+declarations agree with the methods. :mod:`pq_lightning.formats.fp8_tensor` is a worked example that
+is not registered by default.
 """
 
 from __future__ import annotations
 
 from .base import NonFiniteTensorError, QuantFormat, check_finite
+from .compact import CompactWeight
 from .fp8 import BF16, FP8, FP8W8A16
 from .nvfp4 import NVFP4, NVFP4A16, NVFP4Weight
 
@@ -25,9 +32,10 @@ _REGISTRY: dict[str, QuantFormat] = {}
 
 
 def register_format(fmt: QuantFormat, *, overwrite: bool = False) -> QuantFormat:
-    """Add ``fmt`` to the registry under ``fmt.name`` (lower case)."""
+    """Add ``fmt`` to the registry under ``fmt.name`` (lower case), once its declarations check out."""
     if not isinstance(fmt, QuantFormat):
         raise TypeError(f"register_format takes a QuantFormat instance, got {type(fmt).__name__}")
+    fmt.check_declarations()
     key = fmt.name.lower()
     if not key:
         raise ValueError(f"{type(fmt).__name__} has no name; set the class attribute `name`")
@@ -35,6 +43,14 @@ def register_format(fmt: QuantFormat, *, overwrite: bool = False) -> QuantFormat
         raise ValueError(f"a format named {key!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = fmt
     return fmt
+
+
+def unregister_format(name: str) -> QuantFormat:
+    """Remove the format called ``name`` (case-insensitive) from the registry and return it."""
+    try:
+        return _REGISTRY.pop(name.lower())
+    except KeyError:
+        raise KeyError(f"no format named {name!r} is registered; registered formats: {sorted(_REGISTRY)}") from None
 
 
 def get_format(name: str | QuantFormat) -> QuantFormat:
@@ -59,6 +75,7 @@ for _fmt in (NVFP4(), NVFP4A16(), FP8(), FP8W8A16(), BF16()):
 
 __all__ = [
     "BF16",
+    "CompactWeight",
     "FP8",
     "FP8W8A16",
     "NVFP4",
@@ -70,4 +87,5 @@ __all__ = [
     "check_finite",
     "get_format",
     "register_format",
+    "unregister_format",
 ]

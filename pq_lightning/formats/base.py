@@ -13,15 +13,33 @@ A format knows, for a Linear weight ``W [out, in]`` and its inputs ``x [..., in]
 * ``bits(shape)``: exact bits on disk for that Linear (weights and every scale);
 * ``scheme(targets)``: the compressed-tensors ``QuantizationScheme`` for ``config.json``;
 * ``unsupported_reason(shape)``: why a shape cannot take this format (``None`` when it can).
+
+and declares what the orchestrators (probe, refiner, export, served model) must do for it; they ask
+these, never the format's class, so a format added with ``register_format`` works end to end:
+
+* ``quantizes_weights`` / ``quantizes_activations``: passthrough (BF16), weight-only or W·A;
+* ``static_input_scale``: the input is quantized under one calibrated scale stored on disk
+  (``calibrate_input_global_scale``), rather than dynamically at run time;
+* ``shares_global_scale``: fused siblings must share one per-tensor weight scale
+  (``shared_global_scale``, passed to ``pack`` as ``global_scale=``);
+* ``refine`` / ``refine_by_default``: a GPTQ-style refinement gated against RTN, if any;
+* ``compact_weight``: ``Q(W)`` as byte codes decoded by table, for caches of many weights;
+* ``smooth_inputs``: activation smoothing pays in front of this format.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+from .compact import CompactWeight
+
+if TYPE_CHECKING:  # gptq imports the formats: a type-only import avoids the cycle
+    from ..gptq import GPTQConfig, RefineResult
 
 Shape = Sequence[int]
 
@@ -45,9 +63,11 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 class QuantFormat(ABC):
     """A quantization format for a Linear layer (weights and, optionally, activations).
 
-    Subclasses set :attr:`name` (the registry key, lower case), :attr:`quantizes_weights` and
-    :attr:`quantizes_activations`, and implement the abstract methods. Weights are 2-D
-    ``[out_features, in_features]``; every returned dequantised tensor is fp32.
+    Subclasses set :attr:`name` (the registry key, lower case), :attr:`quantizes_weights`,
+    :attr:`quantizes_activations` and whichever capability attributes apply (the defaults declare
+    none: dynamic or no activation scales, siblings packed on their own, RTN only, fp32 caches), and
+    implement the abstract methods. Weights are 2-D ``[out_features, in_features]``; every returned
+    dequantised tensor is fp32.
     """
 
     name: str = ""
@@ -61,6 +81,40 @@ class QuantFormat(ABC):
     smooth_inputs: bool = False
     #: Names of the tensors :meth:`pack` writes for one Linear, in compressed-tensors' spelling.
     tensor_names: tuple[str, ...] = ()
+    #: ``True`` when the input is quantized under one static scale calibrated offline and written as
+    #: ``input_global_scale`` (NVFP4 W4A4), which :meth:`calibrate_input_global_scale` computes from
+    #: the input amax: the refiner measures that amax before it builds the Hessians, the export needs
+    #: ``input_amax``, the probe calibrates it per sequence. ``False`` for dynamic activation scales
+    #: (FP8 per token: nothing to calibrate) and for weight-only formats.
+    static_input_scale: bool = False
+    #: ``True`` when fused siblings (q/k/v, gate/up: one matmul in vLLM) must share one per-tensor
+    #: weight scale. :meth:`shared_global_scale` computes it from the siblings' weights; :meth:`pack`,
+    #: :meth:`fake_quant` and :meth:`refine` then take it as ``global_scale=`` and :meth:`pack` writes
+    #: it as the tensor :attr:`global_scale_tensor`.
+    shares_global_scale: bool = False
+    #: The name among :attr:`tensor_names` of the shared per-tensor weight scale (shape ``[1]``).
+    global_scale_tensor: str = ""
+    #: ``False`` when the refiner runs :meth:`refine` only on request (``refine_model(fp8_gptq=True)``):
+    #: FP8 per channel keeps RTN unless asked. Irrelevant for a format without :meth:`refine`.
+    refine_by_default: bool = True
+
+    def check_declarations(self) -> None:
+        """Raise ``ValueError`` when the declared capabilities contradict each other or the methods."""
+        name = self.name or type(self).__name__
+        if self.static_input_scale and not self.quantizes_activations:
+            raise ValueError(f"{name}: static_input_scale needs quantizes_activations=True")
+        calibrates = self.calibrate_input_global_scale(1.0) is not None
+        if self.static_input_scale != calibrates:
+            raise ValueError(
+                f"{name}: static_input_scale={self.static_input_scale} but calibrate_input_global_scale "
+                f"returns {'a scale' if calibrates else 'None'}; declare static_input_scale=True exactly "
+                "when the format calibrates an input scale"
+            )
+        if self.shares_global_scale and self.global_scale_tensor not in self.tensor_names:
+            raise ValueError(
+                f"{name}: shares_global_scale needs global_scale_tensor to name one of tensor_names "
+                f"{self.tensor_names}, got {self.global_scale_tensor!r}"
+            )
 
     # ---- shape support -------------------------------------------------------------------
     def unsupported_reason(self, shape: Shape) -> str | None:
@@ -98,6 +152,42 @@ class QuantFormat(ABC):
     def fake_quant(self, w: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
         """The dequantised weight (fp32), exactly as served. Equals ``unpack(pack(w))``."""
         return self.unpack(self.pack(w, **params))
+
+    def pack_quantized(self, quantized) -> dict[str, torch.Tensor]:
+        """The on-disk tensors of what :meth:`refine` chose (:attr:`RefineResult.quantized`), as given.
+
+        The default takes ``quantized`` to be those tensors already (FP8's GPTQ returns them)."""
+        return dict(quantized)
+
+    def shared_global_scale(self, weights: Iterable[torch.Tensor]) -> torch.Tensor:
+        """The one weight scale fused siblings share (``shares_global_scale`` formats only)."""
+        raise NotImplementedError(
+            f"{self.name} declares no shared weight scale (shares_global_scale=False); pack each Linear on its own"
+        )
+
+    def compact_weight(self, w: torch.Tensor) -> CompactWeight | None:
+        """``fake_quant(w)`` as byte codes and scales (:class:`CompactWeight`), or ``None`` when the
+        format has no such encoding (a cache then keeps the fp32 tensor)."""
+        return None
+
+    # ---- refinement ----------------------------------------------------------------------
+    def refine(
+        self,
+        w: torch.Tensor,
+        H_fit: torch.Tensor,
+        H_heldout: torch.Tensor,
+        *,
+        config: GPTQConfig,
+        global_scale: torch.Tensor | None = None,
+        factor_cache: dict | None = None,
+        H_refit: torch.Tensor | None = None,
+    ) -> RefineResult | None:
+        """GPTQ-style candidates for ``w`` fitted on ``H_fit`` and gated against RTN on ``H_heldout``
+        (per-token input second moments of the served input), or ``None``: the format has no
+        refinement and the refiner keeps RTN. ``global_scale``: the siblings' shared weight scale
+        (``shares_global_scale``); ``factor_cache``: shared by siblings with one ``H_fit``;
+        ``H_refit``: all calibration tokens, for :attr:`GPTQConfig.refit`."""
+        return None
 
     def weight_mse(self, w: torch.Tensor) -> float:
         """Mean squared reconstruction error of the weight, computed in fp32."""

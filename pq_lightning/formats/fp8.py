@@ -12,11 +12,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import QuantFormat, Shape, check_finite
+from .compact import CompactWeight
+
+if TYPE_CHECKING:
+    from ..gptq import GPTQConfig, RefineResult
 
 FP8_E4M3_MAX = 448.0
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -44,12 +50,28 @@ def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.full_like(s, _FP32_EPS), s)
 
 
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token FP8 (one scale ``amax(x_t) / 448`` per row of the last dimension), in fp32."""
+    check_finite(x, "FP8 activation")
+    xf = x.float()
+    s = absmax_scale(xf.abs().amax(dim=-1, keepdim=True))
+    return (fp8_round(xf / s).float() * s).to(x.dtype)
+
+
+@functools.cache
+def fp8_byte_values(device: torch.device) -> torch.Tensor:
+    """The FP8 E4M3 value of each byte ``[256, 1]`` (NaN bytes, never written, as 0)."""
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return byte.view(torch.float8_e4m3fn).float().nan_to_num(0.0).reshape(256, 1).to(device)
+
+
 class FP8(QuantFormat):
     """W8A8 FP8: per-channel weights, dynamic per-token activations (``FP8_DYNAMIC``)."""
 
     name = "fp8"
     quantizes_activations = True
     tensor_names = ("weight", "weight_scale")
+    refine_by_default = False
 
     def bits(self, shape: Shape) -> int:
         out, inp = int(shape[0]), int(shape[1])
@@ -70,16 +92,37 @@ class FP8(QuantFormat):
             raise ValueError(f"FP8 weights must be float8_e4m3fn on disk, got {w.dtype}")
         return w.float() * tensors["weight_scale"].float().reshape(-1, 1)
 
+    def compact_weight(self, w: torch.Tensor) -> CompactWeight:
+        """FP8 codes (a byte per weight) and row scales, as :meth:`pack` writes them."""
+        t = self.pack(w)
+        return CompactWeight(
+            codes=t["weight"].view(torch.uint8), table=fp8_byte_values(w.device),
+            scale=t["weight_scale"].float().reshape(-1, 1),
+        )
+
+    def refine(
+        self,
+        w: torch.Tensor,
+        H_fit: torch.Tensor,
+        H_heldout: torch.Tensor,
+        *,
+        config: GPTQConfig,
+        global_scale: torch.Tensor | None = None,
+        factor_cache: dict | None = None,
+        H_refit: torch.Tensor | None = None,
+    ) -> RefineResult:
+        """RTN against GPTQ at each damping under the RTN row scales (:func:`pq_lightning.gptq.refine_fp8`)."""
+        from ..gptq import refine_fp8
+
+        return refine_fp8(w, H_fit, H_heldout, config=config, H_refit=H_refit)
+
     def fake_quant_activation(
         self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Per-token dynamic FP8 (one scale per row of the last dimension), computed in fp32."""
         if not self.quantizes_activations:
             return x
-        check_finite(x, "FP8 activation")
-        xf = x.float()
-        s = absmax_scale(xf.abs().amax(dim=-1, keepdim=True))
-        return (fp8_round(xf / s).float() * s).to(x.dtype)
+        return fake_quant_per_token(x)
 
     def scheme(self, targets: list[str]):
         from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme

@@ -16,13 +16,19 @@ GPTQ chooses codes and scales itself: :meth:`NVFP4.quantize` takes given scales,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import QuantFormat, Shape, check_finite
+from .compact import CompactWeight
 from .e2m1 import E2M1_MAX, e2m1_codes, e2m1_decode, e2m1_round, pack_codes, unpack_codes
+
+if TYPE_CHECKING:
+    from ..gptq import GPTQConfig, RefineResult
 
 FP8_E4M3_MAX = 448.0
 #: What compressed-tensors puts in place of a zero FP8 scale (``finfo(float8_e4m3fn).eps``).
@@ -64,6 +70,13 @@ def _groups(t: torch.Tensor) -> torch.Tensor:
     return t.float().unflatten(-1, (-1, GROUP_SIZE))
 
 
+@functools.cache
+def _byte_pairs(device: torch.device) -> torch.Tensor:
+    """The two E2M1 values of each packed byte ``[256, 2]``, in the order ``unpack_codes`` puts them."""
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return e2m1_decode(unpack_codes(byte.reshape(256, 1))).to(device)
+
+
 class NVFP4(QuantFormat):
     """W4A4 NVFP4, group 16 (compressed-tensors ``nvfp4-pack-quantized``)."""
 
@@ -72,6 +85,9 @@ class NVFP4(QuantFormat):
     smooth_inputs = True
     tensor_names = ("weight_packed", "weight_scale", "weight_global_scale")
     group_size = GROUP_SIZE
+    static_input_scale = True
+    shares_global_scale = True
+    global_scale_tensor = "weight_global_scale"
 
     def unsupported_reason(self, shape: Shape) -> str | None:
         reason = super().unsupported_reason(shape)
@@ -91,6 +107,11 @@ class NVFP4(QuantFormat):
     def global_scale(self, w: torch.Tensor) -> torch.Tensor:
         """The per-tensor global scale of ``w`` (fused siblings pass a shared one instead)."""
         return global_scale_from_amax(w.detach().abs().amax().float())
+
+    def shared_global_scale(self, weights: Iterable[torch.Tensor]) -> torch.Tensor:
+        """``448 * 6 / amax`` over all the siblings' weights (vLLM's fused matmul takes one)."""
+        amax = torch.stack([w.detach().abs().amax().float() for w in weights])
+        return global_scale_from_amax(amax.amax())
 
     def group_scales(self, w: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
         """RTN FP8 group scales of ``w`` under ``global_scale``: ``[out, in // 16]`` float8."""
@@ -175,6 +196,32 @@ class NVFP4(QuantFormat):
         eff = (scale.float() / gs).unsqueeze(-1)
         return (e2m1_round(_groups(w) / eff) * eff).flatten(-2)
 
+    def compact_weight(self, w: torch.Tensor) -> CompactWeight:
+        """Packed codes (half a byte per weight) and FP8 group scales, as :meth:`pack` writes them."""
+        t = self.pack(w)
+        return CompactWeight(
+            codes=t["weight_packed"], table=_byte_pairs(w.device), scale=t["weight_scale"],
+            divisor=t["weight_global_scale"].float(),
+        )
+
+    def refine(
+        self,
+        w: torch.Tensor,
+        H_fit: torch.Tensor,
+        H_heldout: torch.Tensor,
+        *,
+        config: GPTQConfig,
+        global_scale: torch.Tensor | None = None,
+        factor_cache: dict | None = None,
+        H_refit: torch.Tensor | None = None,
+    ) -> RefineResult:
+        """RTN, GPTQ at each damping and the scale sweep (:func:`pq_lightning.gptq.refine_nvfp4`)."""
+        from ..gptq import refine_nvfp4
+
+        gs = self.global_scale(w) if global_scale is None else global_scale
+        return refine_nvfp4(w, H_fit, H_heldout, global_scale=gs, config=config, factor_cache=factor_cache,
+                            H_refit=H_refit)
+
     # ---- activations ---------------------------------------------------------------------
     def calibrate_input_global_scale(self, amax: torch.Tensor | float) -> torch.Tensor | None:
         if not self.quantizes_activations:
@@ -219,3 +266,4 @@ class NVFP4A16(NVFP4):
     name = "nvfp4a16"
     quantizes_activations = False
     smooth_inputs = False
+    static_input_scale = False
