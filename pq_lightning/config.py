@@ -63,7 +63,11 @@ class EvalConfig:
 @dataclass(frozen=True)
 class RefineConfig:
     """GPTQ and the scale sweep on NVFP4 Linears, each kept only when it beats RTN on held-out data;
-    with ``refit`` the chosen recipe is then solved again on all calibration tokens."""
+    with ``refit`` the chosen recipe is then solved again on all calibration tokens.
+
+    ``activation_memory_gb``: the most stored hidden states and kept inputs the layer walk holds in
+    memory; beyond it they go to a scratch file under the output's ``work/`` (``None``: no limit).
+    """
 
     gptq: bool = True
     fp8_gptq: bool = False
@@ -72,6 +76,7 @@ class RefineConfig:
     act_order: bool = True
     sweep: bool = True
     refit: bool = True
+    activation_memory_gb: float | None = 4.0
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activation_store import ActivationStore, ResidentBudget
 from .architectures import fused_groups, model_type_of
 from .flops import not_counted
 from .formats import get_format
@@ -369,14 +370,16 @@ class _GroupStats:
         self.n: dict[str, int] = {"fit": 0, "heldout": 0}
         self.quantize_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
         self.track_amax_in_hessian_pass = True
-        # inputs kept by the amax pass (split, x), so the Hessian needs no second pass
-        self.kept: list[tuple[str, torch.Tensor]] | None = None
+        # inputs kept by the amax pass (and their splits), so the Hessian needs no second pass
+        self.kept: ActivationStore | None = None
+        self.kept_splits: list[str] = []
 
     def observe_amax(self, module: nn.Module, args: tuple) -> None:
         a = args[0].detach().abs().amax().float()
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         if self.kept is not None:
-            self.kept.append((self._split["split"], args[0].detach().clone()))
+            self.kept.append(args[0].detach().clone())
+            self.kept_splits.append(self._split["split"])
 
     def accumulate(self, module: nn.Module, args: tuple) -> None:
         if self.track_amax_in_hessian_pass:
@@ -386,10 +389,10 @@ class _GroupStats:
     def accumulate_kept(self) -> None:
         """The Hessians from the inputs the amax pass kept (same windows, same order: same sums)."""
         assert self.kept is not None
-        while self.kept:
-            split, x = self.kept.pop(0)
+        for split, x in zip(self.kept_splits, self.kept, strict=True):
             self._add(split, x)
-        self.kept = None
+        self.kept.close()
+        self.kept, self.kept_splits = None, []
 
     def _add(self, split: str, x: torch.Tensor) -> None:
         xq = self.quantize_input(x).detach().reshape(-1, x.shape[-1]).float()
@@ -461,7 +464,7 @@ class _LayerStep:
         self,
         layer: nn.Module,
         prefix: str,
-        hidden: list[torch.Tensor],
+        hidden: ActivationStore,
         calls: list[_Window],
         formats: Mapping[str, QuantFormat],
         groups: Sequence[Sequence[str]],
@@ -529,8 +532,11 @@ class _LayerStep:
             for h in handles:
                 h.remove()
 
-    def outputs(self) -> list[torch.Tensor]:
-        return [_run_layer(self.layer, h_in, call) for h_in, call in zip(self.hidden, self.calls, strict=True)]
+    def outputs(self, store: ActivationStore) -> ActivationStore:
+        """The layer's outputs on every window, appended to ``store`` (the next layer's inputs)."""
+        for h_in, call in zip(self.hidden, self.calls, strict=True):
+            store.append(_run_layer(self.layer, h_in, call))
+        return store
 
 
 # ---- the walk -----------------------------------------------------------------------------------
@@ -550,6 +556,8 @@ def refine_model(
     process_group: Any = None,
     keep_hessians: bool = False,
     max_kept_input_bytes: int = 2**30,
+    max_resident_activation_bytes: int | None = None,
+    spill_dir: str | None = None,
 ) -> RefineOutput:
     """Refine every planned body Linear of ``model`` layer by layer (see the module docstring).
 
@@ -574,6 +582,10 @@ def refine_model(
         max_kept_input_bytes: a group whose inputs over this rank's windows fit in this many bytes
             keeps them from the amax pass and builds its Hessians from them (one layer pass fewer,
             same sums); larger inputs are recomputed by a second pass.
+        max_resident_activation_bytes: at most this many bytes of stored hidden states and kept
+            inputs stay in memory (``None``: no limit); the rest go to a scratch file in ``spill_dir``
+            (default: the system's temporary folder) and are read back window by window, so memory
+            does not grow with the number of windows. The results are the same.
     """
     config = config or GPTQConfig()
     distributed = _dist_active(process_group)
@@ -589,6 +601,9 @@ def refine_model(
     out = RefineOutput(packed={}, input_amax={}, decisions={}, totals={})
     restore: list[tuple[nn.Parameter, torch.Tensor]] = []
     handles: list[Any] = []
+
+    hidden: ActivationStore | None = None
+    budget = ResidentBudget(max_resident_activation_bytes)
 
     def give_back() -> None:
         while handles:
@@ -618,8 +633,14 @@ def refine_model(
                 "GPTQ needs held-out windows for its RTN gate; split the calibration windows into fit and "
                 "held-out sets (e.g. 3:1), or pass gptq=False"
             )
-        hidden = [w[0].args[0] for w in windows]
-        n_tokens = sum(h.shape[:-1].numel() for h in hidden)
+        hidden = ActivationStore(budget, spill_dir)
+        n_tokens = 0
+        for w in windows:  # the stored first-layer inputs move into the store
+            h = w[0].args[0]
+            n_tokens += h.shape[:-1].numel()
+            w[0].args = (None, *w[0].args[1:])
+            hidden.append(h)
+        elsize = hidden[0].element_size()
         if distributed:
             import torch.distributed as dist
 
@@ -641,8 +662,8 @@ def refine_model(
                 kept = False
                 if fmt.static_input_scale:  # amax first, then quantize with it
                     n_in = step.linears[group[0]].in_features
-                    kept = n_tokens * n_in * hidden[0].element_size() <= max_kept_input_bytes
-                    stats.kept = [] if kept else None
+                    kept = n_tokens * n_in * elsize <= max_kept_input_bytes
+                    stats.kept = ActivationStore(budget, spill_dir) if kept else None
                     step.run_group_pass(group, stats.observe_amax)
                     if distributed:
                         (stats.amax,) = _all_reduce([stats.amax], "max", process_group)
@@ -701,18 +722,22 @@ def refine_model(
                         handles.append(lin.register_forward_pre_hook(_served_input_hook(stats.quantize_input)))
 
             if li < len(layers) - 1:
-                hidden = step.outputs()
+                previous, hidden = hidden, step.outputs(ActivationStore(budget, spill_dir))
+                previous.close()
             give_back()  # the layer's effect now lives on in the stored hidden states only
             if streamer is not None:
                 streamer.release(li)
     finally:
         give_back()
         model.train(was_training)
+        if hidden is not None:
+            hidden.close()
 
     for name, fmt in formats.items():
         if not fmt.quantizes_weights:
             out.decisions[name] = LinearDecision(name, fmt.name, "bf16", None, {}, 0.0, 0.0)
     out.totals = _totals(out.decisions, out.packed)
+    out.totals["resident_activation_peak_bytes"] = budget.peak
     return out
 
 

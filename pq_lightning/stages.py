@@ -310,7 +310,8 @@ def refine(run: StageRunner, loaded: LoadedModel, plan_: Plan, cal: Calibration,
     from .refine import RefineOutput
 
     fold_key = (probe_.key, asdict(smooth), sorted(folds.alphas.items())) if folds is not None else None
-    key = stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, asdict(cfg), fold_key)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "activation_memory_gb"}  # same results at any cap
+    key = stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, settings, fold_key)
     path = run.cache_path("refine", key, ".safetensors")
     with run.stage("refine") as record:
         if run.cached(record, path):
@@ -334,7 +335,9 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
                         sweep=cfg.sweep, refit=cfg.refit)
     refiner = GPTQRefiner(loaded.model, plan_.formats, config, groups=plan_.groups, gptq=cfg.gptq,
                           fp8_gptq=cfg.fp8_gptq, model_type=loaded.model_type,
-                          progress=lambda it: run.track(it, "refine layers"))
+                          progress=lambda it: run.track(it, "refine layers"),
+                          max_resident_activation_bytes=None if cfg.activation_memory_gb is None
+                          else int(cfg.activation_memory_gb * 2**30), spill_dir=str(run.work))
     loaders = [DataLoader(WindowDataset(w), batch_size=cal.data.batch_size) for w in (cal.fit, held)]
     lt = _lightning_trainer(trainer, run)
     tally = FlopTally()
