@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import build_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
@@ -52,8 +51,8 @@ def test_smoothing_statistics_keep_the_same_bytes_for_4x_the_windows():
 
 def test_probe_keeps_the_same_bytes_for_4x_the_windows(tmp_path):
     from conftest import quiet_trainer
-
     from pq_lightning.callbacks import FisherProbe, SmoothingStatistics
+
     from pq_lightning.causal_lm import CausalLM
 
     sizes = []
