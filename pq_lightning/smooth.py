@@ -172,6 +172,7 @@ class SmoothingObserver:
     """
 
     def __init__(self, model: nn.Module, *, keep_tokens: int = 0, seed: int = 0) -> None:
+        from .architectures import model_type_of
         from .models import language_model_layers
 
         self.keep_tokens = int(keep_tokens)
@@ -181,33 +182,37 @@ class SmoothingObserver:
         self.pairs: dict[str, str | None] = {}  # consumer -> producer seen in every forward
         self.amax: dict[str, torch.Tensor] = {}
         self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # first consumer -> (keys, rows)
-        self.candidates: list[tuple[str, list[str]]] = []
+        self.candidates: list[tuple[str, list[str], str | None]] = []  # (layer, consumers, producing rows)
         self._first: set[str] = set()
         self._hooks: list[Any] = []
         prefix, layers = language_model_layers(model)
+        model_type = model_type_of(model)
         for i, layer in enumerate(layers):
-            self._watch_layer(f"{prefix}.{i}", layer)
+            self._watch_layer(f"{prefix}.{i}", layer, model_type)
 
-    def _watch_layer(self, base: str, layer: nn.Module) -> None:
+    def _watch_layer(self, base: str, layer: nn.Module, model_type: str | None) -> None:
+        """Consumer groups of one layer from :mod:`pq_lightning.architectures`: each fused set (its
+        producer found by dataflow), and a gated MLP's ``down`` (its input made by ``up``'s rows)."""
+        from .architectures import fused_siblings, gated_mlp
+
         mods = dict(layer.named_modules())
-        groups = [
-            [n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if isinstance(mods.get(n), nn.Linear)],
-            [n for n in ("mlp.gate_proj", "mlp.up_proj") if isinstance(mods.get(n), nn.Linear)],
+        linears = {n for n, m in mods.items() if isinstance(m, nn.Linear)}
+        groups: list[tuple[list[str], str | None]] = [
+            ([n for n in sibs if n in linears], None) for sibs in fused_siblings(model_type)
         ]
-        if isinstance(mods.get("mlp.down_proj"), nn.Linear) and len(groups[1]) == 2:
-            groups.append(["mlp.down_proj"])
-        for g in groups:
-            if not g:
-                continue
-            self.candidates.append((base, g))
+        gated = gated_mlp(model_type)
+        if gated is not None and all(n in linears for n in gated):
+            groups.append(([gated[2]], gated[1]))
+        groups = [(g, rows) for g, rows in groups if g]
+        for g, rows in groups:
+            self.candidates.append((base, g, rows))
             self._first.add(f"{base}.{g[0]}")
             for n in g:
                 self._hooks.append(mods[n].register_forward_pre_hook(self._in_hook(f"{base}.{n}")))
-        width = next((mods[g[0]].in_features for g in groups[:2] if g), None)
-        if width is not None:
-            for n, m in layer.named_modules():
-                if n and _norm_like(m, width):
-                    self._hooks.append(m.register_forward_hook(self._out_hook(f"{base}.{n}")))
+        widths = {mods[g[0]].in_features for g, rows in groups if rows is None}
+        for n, m in layer.named_modules():
+            if n and any(_norm_like(m, w) for w in widths):
+                self._hooks.append(m.register_forward_hook(self._out_hook(f"{base}.{n}")))
 
     def _out_hook(self, name: str):
         def hook(module, args, output):
@@ -262,10 +267,10 @@ class SmoothingObserver:
     def stats(self) -> SmoothStats:
         """The mappings found (a norm producer only where every forward agreed on it) and their data."""
         mappings: list[SmoothMapping] = []
-        for base, g in self.candidates:
+        for base, g, rows in self.candidates:
             names = [f"{base}.{n}" for n in g]
-            if g == ["mlp.down_proj"]:
-                mappings.append(SmoothMapping(f"{base}.mlp.up_proj", names, "linear_rows"))
+            if rows is not None:
+                mappings.append(SmoothMapping(f"{base}.{rows}", names, "linear_rows"))
                 continue
             producers = {self.pairs.get(n) for n in names}
             if len(producers) == 1 and None not in producers:

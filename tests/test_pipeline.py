@@ -206,3 +206,30 @@ def test_streamed_layers_under_a_memory_cap_give_the_same_build(tmp_path, tiny_m
     assert all(torch.equal(u8(A[k]), u8(B[k])) for k in A)
     with pytest.raises(ValueError, match="GGUF"):
         quantize(model="model.gguf", output_dir=str(tmp_path / "x"), memory_cap_gb=1.0, **settings)
+
+
+def test_excluding_one_fused_sibling_keeps_its_set_bf16_before_the_probe(tmp_path, tiny_model_dir, capsys):
+    """vLLM runs q/k/v as one matmul with one scheme: with k_proj excluded, q_proj and v_proj stay BF16
+    too (said before the probe, which then never measures them), and the checkpoint is servable."""
+    from pq_lightning.sensitivity import load_sensitivity
+
+    out = tmp_path / "out"
+    quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=6.0, exclude=[r"layers\.0\.self_attn\.k_proj"],
+             **{**_settings(tmp_path), "evaluation": EvalConfig(enabled=False), "refine": RefineConfig(gptq=False)})
+    err = capsys.readouterr().err
+    assert "self_attn.q_proj, model.layers.0.self_attn.v_proj stay BF16 with model.layers.0.self_attn.k_proj" in " ".join(err.split())
+    plan = Plan.load(out / "plan-6bpp.json")
+    qkv0 = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert not set(qkv0) & set(plan.linears) and len(plan.linears) == 14 - 3
+    (sens_path,) = (out / "work").glob("sensitivity-*.safetensors")
+    assert not set(qkv0) & set(load_sensitivity(sens_path).linears)
+    qc = json.loads((out / "checkpoint-6bpp" / "config.json").read_text())["quantization_config"]
+    assert set(qkv0) <= set(qc["ignore"])
+    # each config group holds whole fused sets only
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    for i in range(2):
+        for sibs in (("q", "k", "v"), ("gate", "up")):
+            names = {f"model.layers.{i}.{'self_attn' if len(sibs) == 3 else 'mlp'}.{p}_proj" for p in sibs}
+            groups = [g for g in qc["config_groups"].values() if names & set(g["targets"])]
+            assert len(groups) <= 1 and (not groups or names <= set(groups[0]["targets"])), names
+    assert targets
