@@ -442,3 +442,31 @@ def test_bench_vs_peers_times_the_default_configs_settings(peers_bench):
     assert got["formats"] == cfg["formats"] == ["nvfp4", "fp8"] and got["estimator"] == cfg["estimator"] == "output"
     assert got["refine"] == RefineConfig(**cfg["refine"]) and got["refine"].dampening == [0.01, 0.1]
     assert got["smooth"] == SmoothConfig(**cfg["smooth"]) and got["smooth"].enabled and got["smooth"].search
+
+
+# ---- bench_scaling.py --------------------------------------------------------------------------
+
+
+def test_bench_scaling_fits_and_runs_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    mod = _load("bench_scaling")
+    a, b = mod.fit_line([4.0, 16.0, 32.0], [5.0 + 2 * 4, 5.0 + 2 * 16, 5.0 + 2 * 32])
+    assert a == pytest.approx(5.0) and b == pytest.approx(2.0)
+    assert mod.fit_line([8.0], [4.0]) == (0.0, 0.5)
+    cfg = {"model": str(tiny_model_dir), "dtype": "float32", "formats": ["nvfp4", "fp8"], "estimator": "output",
+           "calibration": {"source": str(tmp_path / "text.txt"), "batch_size": 2, "holdout_fraction": 0.25},
+           "refine": {"dampening": [0.01]}, "trainer": {"accelerator": "cpu"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench"
+    rc = mod.main(["--config", str(tmp_path / "cfg.yaml"), "--tokens", "128", "256", "--seqlen", "32",
+                   "--threads", "1", "--output", str(out)])
+    assert rc == 0
+    res = json.loads((out / "bench_scaling.json").read_text())["smollm2-135m"]
+    assert [r["windows"] for r in res["runs"]] == [4, 8]
+    fits = res["fits"]
+    assert {"load", "probe", "refine", "export"} <= set(fits)
+    # counted work per calibration token: the probe is at least a forward and a backward pass
+    assert fits["probe"]["fe_per_token"] >= 2.0 and fits["refine"]["fe_per_token"] > 1.0
+    assert res["peak_ratio_last_over_first"] > 0
+    assert "peak RSS 256 / 128 tokens" in capsys.readouterr().out
