@@ -140,8 +140,7 @@ def quantize(
             "estimator": estimator})
         entry = _result(exported, plan, refined)
         if eval_windows is not None:
-            entry["eval"] = stages.evaluate(run, loaded, exported, eval_windows, evaluation, trainer,
-                                            cal.forward_flops_per_token)
+            entry["eval"] = stages.evaluate(run, loaded, exported, eval_windows, evaluation, trainer)
         if folds is not None:
             unfold_smoothing(loaded.model, folds)  # the next budget folds its own NVFP4 inputs
             entry["smooth"] = folds.summary()

@@ -99,7 +99,7 @@ from torch import nn
 
 from .activation_store import ActivationStore, ResidentBudget
 from .architectures import fused_groups, model_type_of
-from .flops import not_counted
+from .flops import FlopTally, count_flops, not_counted
 from .formats import get_format
 from .formats.base import QuantFormat
 from .gptq import GPTQConfig, output_error
@@ -558,6 +558,7 @@ def refine_model(
     max_kept_input_bytes: int = 2**30,
     max_resident_activation_bytes: int | None = None,
     spill_dir: str | None = None,
+    count_first_layer: FlopTally | None = None,
 ) -> RefineOutput:
     """Refine every planned body Linear of ``model`` layer by layer (see the module docstring).
 
@@ -586,159 +587,193 @@ def refine_model(
             inputs stay in memory (``None``: no limit); the rest go to a scratch file in ``spill_dir``
             (default: the system's temporary folder) and are read back window by window, so memory
             does not grow with the number of windows. The results are the same.
+        count_first_layer: count the FLOPs of the first layer's passes into this tally (every layer
+            does the same work per token; counting one keeps the counter's overhead small).
     """
     config = config or GPTQConfig()
-    distributed = _dist_active(process_group)
     layers_name, layers = language_model_layers(model)
     formats = _check_plan(model, plan, layers_name)
     if groups is None:
         groups = fused_groups(list(formats), model_type if model_type is not None else model_type_of(model))
-
-    streamer = streamer_of(model)
-    device = streamer.target_device() if streamer is not None else next(iter(layers.parameters())).device
+    walk = _Walk(model, formats, config, gptq=gptq, fp8_gptq=fp8_gptq, process_group=process_group,
+                 keep_hessians=keep_hessians, max_kept_input_bytes=max_kept_input_bytes,
+                 budget=ResidentBudget(max_resident_activation_bytes), spill_dir=spill_dir)
     was_training = model.training
     model.eval()
-    out = RefineOutput(packed={}, input_amax={}, decisions={}, totals={})
-    restore: list[tuple[nn.Parameter, torch.Tensor]] = []
-    handles: list[Any] = []
-
-    hidden: ActivationStore | None = None
-    budget = ResidentBudget(max_resident_activation_bytes)
-
-    def give_back() -> None:
-        while handles:
-            handles.pop().remove()
-        while restore:
-            p, data = restore.pop()
-            p.data = data
-
     try:
-        windows = _capture(model, layers, fit_batches, "fit", device)
-        windows += _capture(model, layers, heldout_batches, "heldout", device)
-        n_fit = sum(w[0].split == "fit" for w in windows)
-        n_held = sum(w[0].split == "heldout" for w in windows)
-        if distributed:  # every rank learns the smallest per-rank fit count and the held-out total
-            (neg_min_fit,) = _all_reduce([torch.tensor([-float(n_fit)])], "max", process_group)
-            (held,) = _all_reduce([torch.tensor([float(n_held)])], "sum", process_group)
-            min_fit, total_held = -float(neg_min_fit), float(held)
-        else:
-            min_fit, total_held = float(n_fit), float(n_held)
-        if min_fit == 0:
+        walk.capture(layers, fit_batches, heldout_batches)
+        layer_iter: Iterable[int] = range(len(layers))
+        for li in progress(layer_iter) if progress is not None else layer_iter:
+            counting = count_flops(count_first_layer) if count_first_layer is not None and li == 0 else None
+            with counting or contextlib.nullcontext():
+                walk.layer(li, layers[li], f"{layers_name}.{li}.", groups, last=li == len(layers) - 1)
+    finally:
+        walk.close()
+        model.train(was_training)
+    for name, fmt in formats.items():
+        if not fmt.quantizes_weights:
+            walk.out.decisions[name] = LinearDecision(name, fmt.name, "bf16", None, {}, 0.0, 0.0)
+    walk.out.totals = _totals(walk.out.decisions, walk.out.packed)
+    walk.out.totals["resident_activation_peak_bytes"] = walk.budget.peak
+    return walk.out
+
+
+class _Walk:
+    """The state of one layer-by-layer walk: stored activations, ranks, results, what to restore."""
+
+    def __init__(self, model, formats, config, *, gptq, fp8_gptq, process_group, keep_hessians,
+                 max_kept_input_bytes, budget, spill_dir) -> None:
+        self.model, self.formats, self.config = model, formats, config
+        self.gptq, self.fp8_gptq, self.keep_hessians = gptq, fp8_gptq, keep_hessians
+        self.process_group = process_group
+        self.distributed = _dist_active(process_group)
+        self.max_kept_input_bytes, self.budget, self.spill_dir = max_kept_input_bytes, budget, spill_dir
+        self.streamer = streamer_of(model)
+        _, layers = language_model_layers(model)
+        self.device = (self.streamer.target_device() if self.streamer is not None
+                       else next(iter(layers.parameters())).device)
+        self.out = RefineOutput(packed={}, input_amax={}, decisions={}, totals={})
+        self.restore: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.handles: list[Any] = []
+        self.hidden: ActivationStore | None = None
+        self.windows: list[list[_Window]] = []
+        self.n_tokens = 0
+        if self.distributed:
+            import torch.distributed as dist
+
+            self.rank, self.owners = dist.get_rank(process_group), _Owners(dist.get_world_size(process_group))
+
+    def capture(self, layers: nn.ModuleList, fit_batches, heldout_batches) -> None:
+        """Every window's layer calls; the first layer's inputs go into the activation store."""
+        self.windows = _capture(self.model, layers, fit_batches, "fit", self.device)
+        self.windows += _capture(self.model, layers, heldout_batches, "heldout", self.device)
+        self._check_windows()
+        self.hidden = ActivationStore(self.budget, self.spill_dir)
+        for w in self.windows:
+            h = w[0].args[0]
+            self.n_tokens += h.shape[:-1].numel()
+            w[0].args = (None, *w[0].args[1:])
+            self.hidden.append(h)
+
+    def _check_windows(self) -> None:
+        n_fit = sum(w[0].split == "fit" for w in self.windows)
+        n_held = sum(w[0].split == "heldout" for w in self.windows)
+        if self.distributed:  # every rank learns the smallest per-rank fit count and the held-out total
+            (neg_min_fit,) = _all_reduce([torch.tensor([-float(n_fit)])], "max", self.process_group)
+            (held,) = _all_reduce([torch.tensor([float(n_held)])], "sum", self.process_group)
+            n_fit, n_held = -float(neg_min_fit), float(held)
+        if n_fit == 0:
             raise ValueError(
                 "no fit windows (on at least one rank): pass calibration batches in fit_batches, and give "
                 "every rank some"
             )
-        if total_held == 0 and gptq:
+        if n_held == 0 and self.gptq:
             raise ValueError(
                 "GPTQ needs held-out windows for its RTN gate; split the calibration windows into fit and "
                 "held-out sets (e.g. 3:1), or pass gptq=False"
             )
-        hidden = ActivationStore(budget, spill_dir)
-        n_tokens = 0
-        for w in windows:  # the stored first-layer inputs move into the store
-            h = w[0].args[0]
-            n_tokens += h.shape[:-1].numel()
-            w[0].args = (None, *w[0].args[1:])
-            hidden.append(h)
-        elsize = hidden[0].element_size()
-        if distributed:
-            import torch.distributed as dist
 
-            rank, owners_of = dist.get_rank(process_group), _Owners(dist.get_world_size(process_group))
+    def layer(self, li: int, layer: nn.Module, prefix: str, groups, *, last: bool) -> None:
+        """Decide layer ``li`` group by group, then store its served outputs as the next layer's inputs."""
+        if self.streamer is not None:
+            self.streamer.load(li)  # resident while its Linears are decided (nothing else loads meanwhile)
+        step = _LayerStep(layer, prefix, self.hidden, [w[li] for w in self.windows], self.formats, groups)
+        for group in step.groups:
+            self._group(step, group)
+        if not last:
+            previous, self.hidden = self.hidden, step.outputs(ActivationStore(self.budget, self.spill_dir))
+            previous.close()
+        self._give_back()  # the layer's effect now lives on in the stored hidden states only
+        if self.streamer is not None:
+            self.streamer.release(li)
 
-        layer_iter: Iterable[int] = range(len(layers))
-        if progress is not None:
-            layer_iter = progress(layer_iter)
-        for li in layer_iter:
-            if streamer is not None:
-                streamer.load(li)  # resident while its Linears are decided (nothing else loads meanwhile)
-            step = _LayerStep(
-                layers[li], f"{layers_name}.{li}.", hidden, [w[li] for w in windows], formats, groups
-            )
-            for group in step.groups:
-                fmt = formats[group[0]]
-                stats = _GroupStats(step.split)
-                igs = None
-                kept = False
-                if fmt.static_input_scale:  # amax first, then quantize with it
-                    n_in = step.linears[group[0]].in_features
-                    kept = n_tokens * n_in * elsize <= max_kept_input_bytes
-                    stats.kept = ActivationStore(budget, spill_dir) if kept else None
-                    step.run_group_pass(group, stats.observe_amax)
-                    if distributed:
-                        (stats.amax,) = _all_reduce([stats.amax], "max", process_group)
-                    igs = fmt.calibrate_input_global_scale(stats.amax)
-                    stats.track_amax_in_hessian_pass = False
-                stats.quantize_input = _input_quantizer(fmt, igs)
-                if kept:
-                    stats.accumulate_kept()
-                else:
-                    step.run_group_pass(group, stats.accumulate)
-                H_fit, H_held, n_fit, n_held = _reduced_hessians(stats, step, group, device, distributed, process_group)
-                if keep_hessians:
-                    out.hessians[tuple(group)] = {
-                        "fit": H_fit.cpu().clone(), "n_fit": n_fit, "heldout": H_held.cpu().clone(), "n_heldout": n_held,
-                    }
-                # the chosen recipe is solved again on every calibration token (GPTQConfig.refit)
-                H_refit = (H_fit + H_held) / (n_fit + n_held) if gptq and config.refit and n_held else None
-                H_fit = H_fit / n_fit
-                H_held = H_held / n_held if n_held else H_fit
+    def _group(self, step: _LayerStep, group: Sequence[str]) -> None:
+        """Statistics of one fused group's input, its members decided, the group put in its served state."""
+        fmt = self.formats[group[0]]
+        stats = self._statistics(step, group, fmt)
+        H_fit, H_held, n_fit, n_held = _reduced_hessians(stats, step, group, self.device, self.distributed,
+                                                         self.process_group)
+        if self.keep_hessians:
+            self.out.hessians[tuple(group)] = {
+                "fit": H_fit.cpu().clone(), "n_fit": n_fit, "heldout": H_held.cpu().clone(), "n_heldout": n_held,
+            }
+        # the chosen recipe is solved again on every calibration token (GPTQConfig.refit)
+        H_refit = (H_fit + H_held) / (n_fit + n_held) if self.gptq and self.config.refit and n_held else None
+        H_fit = H_fit / n_fit
+        H_held = H_held / n_held if n_held else H_fit
+        gs = fmt.shared_global_scale(step.linears[m].weight for m in group) if fmt.shares_global_scale else None
+        decided = self._decide_members(step, group, fmt, H_fit, H_held, H_refit, gs)
+        for m in group:
+            packed, w_hat, decision = decided[m]
+            lin = step.linears[m]
+            self.out.packed[m] = packed
+            self.out.input_amax[m] = float(stats.amax)
+            self.out.decisions[m] = decision
+            # served state, seen by the later groups of this layer and by the output pass
+            self.restore.append((lin.weight, lin.weight.data))
+            lin.weight.data = w_hat.to(device=lin.weight.device, dtype=lin.weight.dtype)
+            if fmt.quantizes_activations:
+                self.handles.append(lin.register_forward_pre_hook(_served_input_hook(stats.quantize_input)))
 
-                gs = None
-                if fmt.shares_global_scale:  # fused siblings share one weight scale
-                    gs = fmt.shared_global_scale(step.linears[m].weight for m in group)
-                amax = float(stats.amax)
-                owner = (
-                    owners_of.assign({m: tuple(step.linears[m].weight.shape) for m in group})
-                    if distributed else dict.fromkeys(group, 0)
+    def _statistics(self, step: _LayerStep, group: Sequence[str], fmt: QuantFormat) -> _GroupStats:
+        """Input amax (first, when the format calibrates a static input scale) and fit / held-out Hessians."""
+        stats = _GroupStats(step.split)
+        igs = None
+        kept = False
+        if fmt.static_input_scale:  # amax first, then quantize with it
+            n_in = step.linears[group[0]].in_features
+            kept = self.n_tokens * n_in * self.hidden[0].element_size() <= self.max_kept_input_bytes
+            stats.kept = ActivationStore(self.budget, self.spill_dir) if kept else None
+            step.run_group_pass(group, stats.observe_amax)
+            if self.distributed:
+                (stats.amax,) = _all_reduce([stats.amax], "max", self.process_group)
+            igs = fmt.calibrate_input_global_scale(stats.amax)
+            stats.track_amax_in_hessian_pass = False
+        stats.quantize_input = _input_quantizer(fmt, igs)
+        if kept:
+            stats.accumulate_kept()
+        else:
+            step.run_group_pass(group, stats.accumulate)
+        return stats
+
+    def _decide_members(self, step, group, fmt, H_fit, H_held, H_refit, gs) -> dict[str, tuple]:
+        """Packed tensors, served weight and decision of every member; under ranks each member is
+        decided by its owner and broadcast, so every rank holds the same bits."""
+        owner = (self.owners.assign({m: tuple(step.linears[m].weight.shape) for m in group})
+                 if self.distributed else dict.fromkeys(group, 0))
+        decided: dict[str, tuple] = {}
+        factors: dict = {}  # the siblings' shared H_fit is factored once per damping
+        for m in group:
+            if self.distributed and owner[m] != self.rank:
+                continue
+            with not_counted():  # a solve per Linear: not part of the cost per token
+                packed, w_hat, decision = _decide(
+                    m, fmt, step.linears[m].weight, H_fit, H_held, gs, config=self.config, gptq=self.gptq,
+                    fp8_gptq=self.fp8_gptq, factor_cache=factors, H_refit=H_refit,
                 )
-                decided = {}
-                factors: dict = {}  # the siblings' shared H_fit is factored once per damping
-                for m in group:  # this rank's own Linears first, then the results are exchanged
-                    if not distributed or owner[m] == rank:
-                        with not_counted():  # a solve per Linear: not part of the cost per token
-                            packed, w_hat, decision = _decide(
-                                m, fmt, step.linears[m].weight, H_fit, H_held, gs,
-                                config=config, gptq=gptq, fp8_gptq=fp8_gptq, factor_cache=factors, H_refit=H_refit,
-                            )
-                        decided[m] = ({k: v.detach().cpu() for k, v in packed.items()}, w_hat, decision)
-                for m in group:
-                    lin = step.linears[m]
-                    if distributed:
-                        mine = decided.get(m)
-                        packed, decision = _broadcast_decision(
-                            *((None, None) if mine is None else (mine[0], mine[2])), owner[m], process_group
-                        )
-                        w_hat = fmt.unpack(packed)  # the same bits on every rank, owner included
-                    else:
-                        packed, w_hat, decision = decided[m]
-                    out.packed[m] = packed
-                    out.input_amax[m] = amax
-                    out.decisions[m] = decision
-                    # served state, seen by the later groups of this layer and by the output pass
-                    restore.append((lin.weight, lin.weight.data))
-                    lin.weight.data = w_hat.to(device=lin.weight.device, dtype=lin.weight.dtype)
-                    if fmt.quantizes_activations:
-                        handles.append(lin.register_forward_pre_hook(_served_input_hook(stats.quantize_input)))
+            decided[m] = ({k: v.detach().cpu() for k, v in packed.items()}, w_hat, decision)
+        if not self.distributed:
+            return decided
+        for m in group:
+            mine = decided.get(m)
+            packed, decision = _broadcast_decision(
+                *((None, None) if mine is None else (mine[0], mine[2])), owner[m], self.process_group
+            )
+            decided[m] = (packed, fmt.unpack(packed), decision)  # the same bits on every rank, owner included
+        return decided
 
-            if li < len(layers) - 1:
-                previous, hidden = hidden, step.outputs(ActivationStore(budget, spill_dir))
-                previous.close()
-            give_back()  # the layer's effect now lives on in the stored hidden states only
-            if streamer is not None:
-                streamer.release(li)
-    finally:
-        give_back()
-        model.train(was_training)
-        if hidden is not None:
-            hidden.close()
+    def _give_back(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+        while self.restore:
+            p, data = self.restore.pop()
+            p.data = data
 
-    for name, fmt in formats.items():
-        if not fmt.quantizes_weights:
-            out.decisions[name] = LinearDecision(name, fmt.name, "bf16", None, {}, 0.0, 0.0)
-    out.totals = _totals(out.decisions, out.packed)
-    out.totals["resident_activation_peak_bytes"] = budget.peak
-    return out
+    def close(self) -> None:
+        """Restore every weight and hook and free the stored activations (also after a failure)."""
+        self._give_back()
+        if self.hidden is not None:
+            self.hidden.close()
 
 
 def _reduced_hessians(

@@ -25,6 +25,7 @@ from typing import Any
 import lightning
 import torch
 
+from .flops import FlopTally
 from .gptq import GPTQConfig
 from .refine import RefineOutput, refine_model
 
@@ -45,8 +46,8 @@ class GPTQRefiner(lightning.LightningModule):
         model: the Hugging Face causal LM (left unchanged; the result is in :attr:`output`).
         plan: Linear name -> format name (e.g. ``Plan.formats``).
         config: what GPTQ tries (default :class:`GPTQConfig`).
-        groups / gptq / fp8_gptq / model_type / progress / max_resident_activation_bytes / spill_dir:
-            passed to :func:`refine_model`.
+        groups / gptq / fp8_gptq / model_type / progress / max_resident_activation_bytes / spill_dir /
+            count_first_layer: passed to :func:`refine_model`.
         heldout_every: with a single dataloader, every n-th batch is held out (must be >= 2).
     """
 
@@ -64,6 +65,7 @@ class GPTQRefiner(lightning.LightningModule):
         progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
         max_resident_activation_bytes: int | None = None,
         spill_dir: str | None = None,
+        count_first_layer: FlopTally | None = None,
     ) -> None:
         super().__init__()
         if heldout_every < 2:
@@ -76,6 +78,7 @@ class GPTQRefiner(lightning.LightningModule):
         self.heldout_every = heldout_every
         self.progress = progress
         self.memory = {"max_resident_activation_bytes": max_resident_activation_bytes, "spill_dir": spill_dir}
+        self.count_first_layer = count_first_layer
         self.output: RefineOutput | None = None
         self._batches: list[tuple[int, int, torch.Tensor]] = []
 
@@ -124,6 +127,6 @@ class GPTQRefiner(lightning.LightningModule):
             self.output = refine_model(
                 self.model, self.plan, fit, held, config=self.config, gptq=self.gptq,
                 fp8_gptq=self.fp8_gptq, model_type=self.model_type, groups=self.groups, progress=self.progress,
-                **self.memory,
+                count_first_layer=self.count_first_layer, **self.memory,
             )
         self._batches = []

@@ -128,8 +128,8 @@ def _stage_table(stages: Mapping[str, Mapping]) -> str:
     """Wall and CPU time, peak memory and counted work (forward passes per calibration token) per stage."""
     rows = ["| stage | wall s | CPU s | peak RSS GiB | fwd-equivalents per token | cached |", "|---|---|---|---|---|---|"]
     for name, r in stages.items():
-        fe = r.get("fe_per_token", r.get("fe_per_eval_token"))
-        fe_s = "-" if fe is None else f"{fe:.2f}" + (" (per eval token)" if "fe_per_eval_token" in r else "")
+        fe = r.get("fe_per_token")
+        fe_s = "-" if fe is None else f"{fe:.2f}"
         rows.append(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | {fe_s} | "
                     f"{r['cached']}/{r['calls']} |")
     return "\n".join(rows)

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
-from .flops import FlopTally, count_flops, forward_flops_per_token
+from .flops import FlopTally, forward_flops_per_token
 from .plan import Plan
 from .smooth import SmoothConfig, SmoothResult, SmoothStats
-from .stage_runner import StageRecord, StageRunner, stage_key
+from .stage_runner import StageRunner, stage_key
 
 #: Largest fp32 ``Q(W)`` cache (all body Linears x formats) the probe keeps, in bytes (no decode per step).
 FP32_QWEIGHT_CACHE_BYTES = 2**30
@@ -37,10 +37,6 @@ def _lightning_trainer(trainer: TrainerConfig, run: StageRunner, **kwargs: Any):
 
     return L.Trainer(**trainer.kwargs(), logger=False, enable_checkpointing=False, enable_model_summary=False,
                      enable_progress_bar=run.is_zero, **kwargs)
-
-
-def _per_token(record: StageRecord, tally: FlopTally, tokens: int, forward_flops: float) -> None:
-    record.notes["fe_per_token"] = round(tally.per_token(tokens, forward_flops), 3)
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -191,7 +187,7 @@ def probe(run: StageRunner, loaded: LoadedModel, cal: Calibration, body_: Body, 
 
 
 def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, smooth, trainer, sens_path, record):
-    from .callbacks import FisherProbe, SmoothingStatistics
+    from .callbacks import FirstBatchFlops, FisherProbe, SmoothingStatistics
     from .causal_lm import CausalLM
     from .streaming import streamer_of
 
@@ -200,21 +196,18 @@ def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, s
     fisher = FisherProbe(output_path=str(sens_path), include=body_.exact_include, formats=formats,
                          output_error=output_error, output_error_tokens=cfg.output_error_tokens,
                          quantized_weights="float32" if fp32_cache else "compact")
-    callbacks = [fisher]
+    work = FirstBatchFlops()
+    callbacks = [fisher, work]
     if smoothing:
         stats_cb = SmoothingStatistics(keep_tokens=smooth.search_tokens if smooth.search else 0)
         callbacks.append(stats_cb)
     lt = _lightning_trainer(trainer, run, callbacks=callbacks, max_epochs=1, num_sanity_val_steps=0,
                             limit_val_batches=0)
-    module = CausalLM.from_model(loaded.model, probe_only=True)
-    tally = FlopTally()
-    with count_flops(tally):
-        lt.fit(module, datamodule=cal.data)
+    lt.fit(CausalLM.from_model(loaded.model, probe_only=True), datamodule=cal.data)
     for p in loaded.model.parameters():  # the probe-only module froze the weights: hand the model back as it came
         p.requires_grad_(False)
     loaded.model.eval()
-    world = max(lt.world_size, 1)
-    _per_token(record, tally, math.ceil(cal.fit.shape[0] / world) * cal.fit.shape[1], cal.forward_flops_per_token)
+    record.notes["fe_per_token"] = round(work.per_token(cal.forward_flops_per_token), 3)
     return fisher.sensitivity, (stats_cb.stats if smoothing else None)
 
 
@@ -328,6 +321,7 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
 
     from .data import WindowDataset
     from .gptq import GPTQConfig
+    from .models import language_model_layers
     from .refiner_module import GPTQRefiner
 
     held = cal.heldout if cal.heldout.shape[0] else cal.fit[-cal.data.batch_size:]  # no held-out: score on the last fit batch
@@ -337,15 +331,15 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
                           fp8_gptq=cfg.fp8_gptq, model_type=loaded.model_type,
                           progress=lambda it: run.track(it, "refine layers"),
                           max_resident_activation_bytes=None if cfg.activation_memory_gb is None
-                          else int(cfg.activation_memory_gb * 2**30), spill_dir=str(run.work))
+                          else int(cfg.activation_memory_gb * 2**30), spill_dir=str(run.work),
+                          count_first_layer=FlopTally())
     loaders = [DataLoader(WindowDataset(w), batch_size=cal.data.batch_size) for w in (cal.fit, held)]
     lt = _lightning_trainer(trainer, run)
-    tally = FlopTally()
-    with count_flops(tally):
-        lt.predict(refiner, dataloaders=loaders, return_predictions=False)
-    world = max(lt.world_size, 1)
-    tokens = math.ceil((cal.fit.shape[0] + held.shape[0]) / world) * cal.fit.shape[1]
-    _per_token(record, tally, tokens, cal.forward_flops_per_token)
+    lt.predict(refiner, dataloaders=loaders, return_predictions=False)
+    tokens = math.ceil((cal.fit.shape[0] + held.shape[0]) / max(lt.world_size, 1)) * cal.fit.shape[1]
+    n_layers = len(language_model_layers(loaded.model)[1])
+    tally = refiner.count_first_layer
+    record.notes["fe_per_token"] = round(tally.per_token(tokens, cal.forward_flops_per_token) * n_layers, 3)
     return refiner.output
 
 
@@ -396,7 +390,7 @@ def evaluation_windows(run: StageRunner, loaded: LoadedModel, cfg: EvalConfig) -
 
 
 def evaluate(run: StageRunner, loaded: LoadedModel, exported: Exported, windows: torch.Tensor, cfg: EvalConfig,
-             trainer: TrainerConfig, forward_flops: float) -> dict:
+             trainer: TrainerConfig) -> dict:
     """KL / top-1 of the checkpoint as served against the in-memory model (cached by export key and windows)."""
     import json
 
@@ -409,12 +403,8 @@ def evaluate(run: StageRunner, loaded: LoadedModel, exported: Exported, windows:
     with run.stage("evaluate") as record:
         if run.cached(record, path):
             return json.loads(path.read_text())
-        tally = FlopTally()
-        with count_flops(tally):
-            result = evaluate_checkpoint(loaded.model, exported.checkpoint, windows, batch_size=cfg.batch_size,
-                                         top_k=cfg.top_k, trainer_kwargs=trainer.kwargs())
-        tokens = math.ceil(windows.shape[0] / run.world_size) * windows.shape[1]
-        record.notes["fe_per_eval_token"] = round(tally.per_token(tokens, forward_flops), 3)
+        result = evaluate_checkpoint(loaded.model, exported.checkpoint, windows, batch_size=cfg.batch_size,
+                                     top_k=cfg.top_k, trainer_kwargs=trainer.kwargs())
         if run.is_zero:
             atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
         run.barrier()
