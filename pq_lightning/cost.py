@@ -3,7 +3,7 @@
 Estimators of ``Δloss`` for quantizing one Linear ``W [out, in]`` with format ``f`` (all are
 per-token means, the unit of the calibration loss):
 
-* ``trace``: the seed's ``0.5 · H_trace · MSE_W`` with ``H_trace`` the per-token empirical Fisher
+* ``trace``: PrismaQuant's ``0.5 · H_trace · MSE_W`` with ``H_trace`` the per-token empirical Fisher
   trace and ``MSE_W = mean((Q_f(W) − W)²)`` from the format's own ``fake_quant``;
 * ``diag``: ``0.5 · Σ_{o,i} F_oi · ΔW_oi²`` with the Fisher diagonal approximated as rank one,
   ``F_oi ≈ diag_out[o] · diag_in[i] / H_trace`` (exact marginals, so it sums to ``H_trace``);

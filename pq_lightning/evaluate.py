@@ -213,7 +213,7 @@ class QuantEvaluator(L.LightningModule):
             the reference model (``kl_all`` / ``kl_conf`` are then nan). Missing: written at the end
             of a run with the reference model.
         dtype: dtype both models run in.
-        top_k: k of the top-k KL (the seed's vLLM-logprob variant uses 20); also the cache's k.
+        top_k: k of the top-k KL (vLLM's top-k logprobs; 20 by default); also the cache's k.
         confidence_threshold: reference top-1 probability above which a position is confident.
         output_dir: where ``eval.json`` and ``eval.md`` are written at the end (None: not written).
     """

@@ -1,13 +1,13 @@
 """Evaluation metrics of a quantized causal LM against its reference: token KL and top-1 agreement.
 
-Definitions (the seed's evaluation protocol, see ``DESIGN.md``)
+Definitions (the project's evaluation protocol, as in the README's "Evaluation")
 -----------------------------------------------------------------
 For one position with reference logits ``r`` and candidate (quantized) logits ``z`` over a
 vocabulary of ``V`` tokens, in the compute dtype (fp32 by default, whatever the logits' dtype):
 
 * ``log p = log_softmax(r)``, ``log q = log_softmax(z)`` over the full vocabulary.
 * **Full KL**: ``KL(P_ref || P_q) = sum_v p_v (log p_v - log q_v)`` over all ``V`` tokens.
-* **Top-k KL** (the seed's vLLM-logprob variant): let ``T`` be the ``k`` tokens with the largest
+* **Top-k KL** (the variant vLLM's top-k logprobs allow): let ``T`` be the ``k`` tokens with the largest
   reference log-probabilities. ``KL_k = sum_{v in T} p_v (log p_v - log q_v)``, where both
   ``log p_v`` and ``log q_v`` are the *full-vocabulary* log-probabilities (not renormalised over
   ``T``). It is a partial sum of the full KL's terms. The omitted terms add up to
@@ -633,7 +633,7 @@ class TokenKLDivergence(_PositionMetric):
 
     Args:
         top_k: ``None`` for the full-vocabulary KL; ``k`` for the KL restricted to the reference's
-            top-``k`` tokens (a partial sum of full-vocabulary terms, the seed's vLLM variant).
+            top-``k`` tokens (a partial sum of full-vocabulary terms, what vLLM's top-k logprobs allow).
         confident_only: count only positions whose reference top-1 probability is
             ``> confidence_threshold``.
         confidence_threshold: default 0.5.

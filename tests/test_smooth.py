@@ -177,7 +177,7 @@ def test_unfold_restores_every_weight_bit_for_bit_and_select_limits_the_folds(ma
 
 
 def test_the_search_keeps_the_alpha_with_the_least_quantized_output_error(make_tiny_llama):
-    from pq_lightning.smooth import _search_alpha, find_mappings, quantized_output_error
+    from pq_lightning.smooth import _search_alpha, find_mappings, relative_output_error
 
     model = make_tiny_llama().eval()
     with torch.no_grad():
@@ -194,12 +194,12 @@ def test_the_search_keeps_the_alpha_with_the_least_quantized_output_error(make_t
     W = weights[0].detach()
     y = x @ W.T
     y_hat = fmt.fake_quant_activation(x, fmt.calibrate_input_global_scale(x.abs().amax())) @ fmt.fake_quant(W).T
-    assert quantized_output_error(x, weights[:1], [fmt], None) == pytest.approx(
+    assert relative_output_error(x, weights[:1], [fmt], None) == pytest.approx(
         float((y - y_hat).pow(2).sum() / y.pow(2).sum()), rel=1e-6)
     grid = [0.25, 0.5, 0.75]
-    errors = {None: quantized_output_error(x, weights, [fmt] * 3, None)}
+    errors = {None: relative_output_error(x, weights, [fmt] * 3, None)}
     for a in grid:
-        errors[a] = quantized_output_error(x, weights, [fmt] * 3, smoothing_scales(stats.amax[q], weights, a))
+        errors[a] = relative_output_error(x, weights, [fmt] * 3, smoothing_scales(stats.amax[q], weights, a))
     best = min(errors, key=errors.get)
     assert best is not None  # the outlier channel makes some fold pay
     assert _search_alpha(x, weights, [fmt] * 3, stats.amax[q], grid) == best
