@@ -74,7 +74,12 @@ def read_plan(path: str | Path) -> tuple[dict[str, str], dict[str, float]]:
         raise ValueError(f"{path}: a plan file holds a JSON object, got {type(d).__name__}")
     amax = {str(k): float(v) for k, v in (d.get("input_amax") or {}).items()}
     if isinstance(d.get("linears"), dict):
-        formats = {name: lp["format"] if isinstance(lp, dict) else lp for name, lp in d["linears"].items()}
+        from .plan import Plan
+
+        try:
+            formats = Plan.from_dict(d).formats
+        except (TypeError, KeyError) as err:
+            raise ValueError(f"{path} has 'linears' but they are not a plan's ({err}); write it with Plan.save") from None
     else:
         formats = {k: v for k, v in d.items() if k != "input_amax"}
     bad = [k for k, v in formats.items() if not isinstance(v, str)]

@@ -93,15 +93,23 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        d = json.loads(Path(path).read_text())
+        """Read a ``plan.json`` (:meth:`save`); the one reader of the format."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Plan:
+        """A plan from :meth:`to_dict`'s mapping; only ``linears`` is required (sizes are then summed
+        from it, the rest left empty)."""
+        linears = {n: LinearPlan(**lp) for n, lp in d["linears"].items()}
+        total_bits = d.get("total_bits", sum(lp.bits for lp in linears.values()))
         return cls(
-            linears={n: LinearPlan(**lp) for n, lp in d["linears"].items()},
-            estimator=d["estimator"],
-            target=d["target"],
-            total_bits=d["total_bits"],
-            body_params=d["body_params"],
-            bpp_body=d["bpp_body"],
-            predicted_dloss=d["predicted_dloss"],
+            linears=linears,
+            estimator=d.get("estimator", ""),
+            target=d.get("target", {}),
+            total_bits=total_bits,
+            body_params=d.get("body_params", 0),
+            bpp_body=d.get("bpp_body", math.nan),
+            predicted_dloss=d.get("predicted_dloss", math.fsum(lp.predicted_dloss for lp in linears.values())),
             solver=d.get("solver", {}),
             non_body_bytes=d.get("non_body_bytes"),
         )
