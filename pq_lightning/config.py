@@ -37,10 +37,13 @@ class ProbeConfig:
     ``output_error_tokens``: positions per window on which the output-space error (the ``output``
     estimator) is measured: a fraction in ``(0, 1]``, a count, or ``None`` for all (exact). A subset is
     an unbiased estimate at that fraction of the error's cost; the Fisher trace and diagonals always
-    use every token.
+    use every token. The default, a quarter, kept the allocator's decisions on SmolLM2-135M
+    (``scripts/probe_subsample_study.py``, 16 x 512 WikiText-2 tokens: Spearman 0.99 per format
+    against the exact errors, the plans' exact predicted Δloss within 0.34 % of the exact plans' at
+    4.5-7 bpp) at 2.5 instead of 3.6 forward-equivalents per token.
     """
 
-    output_error_tokens: int | float | None = None
+    output_error_tokens: int | float | None = 0.25
 
     def __post_init__(self) -> None:
         from .fisher import check_error_tokens
