@@ -17,7 +17,9 @@ do and exits with 2; a bug prints its traceback. ``--verbose`` prints the traceb
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -93,6 +95,29 @@ def lightning_cli(argv: Sequence[str]):
     )
 
 
+class _CtrlC:
+    """Remembers a Ctrl-C while raising ``KeyboardInterrupt`` as usual: whatever it surfaces as (Lightning's
+    ``SystemExit(1)``, an ``ImportError`` from an extension interrupted while it loaded) is an interruption."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.previous = None
+
+    def __call__(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a subcommand; expected failures end in one line on stderr and exit status 2."""
     from .errors import is_expected, one_line
@@ -100,19 +125,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
-    try:
-        _dispatch(argv)
-    except KeyboardInterrupt:
-        if verbose:
+    with _CtrlC() as ctrl_c:
+        try:
+            _dispatch(argv)
+        except KeyboardInterrupt:
+            _interrupted(verbose)
+        except SystemExit as e:
+            if ctrl_c.seen and e.code not in (0, None):
+                _interrupted(verbose)
             raise
-        print("pq-lightning: interrupted; run the same command again to resume from the stage caches",
-              file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except Exception as e:
-        if verbose or not is_expected(e):
-            raise
-        print(f"pq-lightning: error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        except Exception as e:
+            if ctrl_c.seen:
+                _interrupted(verbose)
+            if verbose or not is_expected(e):
+                raise
+            print(f"pq-lightning: error: {one_line(e)}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def _interrupted(verbose: bool) -> None:
+    if verbose:
+        raise
+    print("pq-lightning: interrupted; run the same command again to resume from the stage caches", file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _dispatch(argv: list[str]) -> None:

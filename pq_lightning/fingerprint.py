@@ -6,8 +6,8 @@ value is hashed: a model edited in one weight gets a new fingerprint, so no stag
 computed on the old weights. Streamed decoder layers (:mod:`pq_lightning.streaming`) are read from
 their store one tensor at a time, in the model's dtype, so a streamed model and the same model in
 memory share a fingerprint; so do a GGUF-loaded model and the BF16 folder saved from it when loaded
-in the same dtype. Cost: one sha256 pass over the weights (about 1 GB/s), e.g. 0.5 s for
-SmolLM2-135M in float32.
+in the same dtype. Cost: one sha256 pass over the weights (about 1 GB/s): 0.65 s for SmolLM2-135M in
+float32 (0.34 s in bfloat16) on a 2-core CPU, against about a minute to load it.
 """
 
 from __future__ import annotations
