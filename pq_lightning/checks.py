@@ -98,6 +98,29 @@ def check_format_names(formats: Sequence[str], pins: Mapping | None, bans: Mappi
             check(fmt, f"--bans {rx!r}")
 
 
+def pin_of(name: str, pins: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(regex, format)`` of the pin on Linear ``name`` (None: unpinned); pinned to two formats is an error."""
+    hits = {(rx, fmt) for rx, fmt in pins.items() if re.search(rx, name)}
+    if len({fmt for _, fmt in hits}) > 1:
+        raise ValueError(f"{name} is pinned to two formats ({sorted(hits)}); make the pin regexes disjoint")
+    return min(hits) if hits else None
+
+
+def check_pins_bans(names: Sequence[str], pins: Mapping | None, bans: Mapping | None) -> None:
+    """Against the body Linears' names: every pin/ban regex matches one, no Linear is pinned to two
+    formats, or pinned to a format a ban takes from it."""
+    pins, bans = dict(pins or {}), dict(bans or {})
+    for rx in [*pins, *bans]:
+        if not any(re.search(rx, n) for n in names):
+            raise ValueError(f"pin/ban regex {rx!r} matches no body Linear (e.g. {list(names)[:2]}); fix the regex")
+    for name in names:
+        pin = pin_of(name, pins)
+        for rx, banned in bans.items():
+            if pin is not None and pin[1] in banned and re.search(rx, name):
+                raise ValueError(f"{name} is pinned to {pin[1]!r} by {pin[0]!r} and banned from it by {rx!r}; "
+                                "drop the pin or the ban")
+
+
 def _check_regex(what: str, rx: Any) -> None:
     try:
         re.compile(rx)

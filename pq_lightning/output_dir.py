@@ -54,18 +54,20 @@ def run_outputs(labels: Sequence[str]) -> list[str]:
 
 # ---- leftovers ----------------------------------------------------------------------------------
 # Temporary names of pq_lightning.atomic / export / sensitivity writers: ".<name>.tmp-<8 hex>",
-# ".<name>.old-<8 hex>", "[.]<name>.<8 chars>.tmp" (tempfile.mkstemp / mkdtemp), ".<name>.old".
-_TMP_RX = re.compile(r"^\.?(?P<name>.+?)\.(tmp-[0-9a-f]{8}|old-[0-9a-f]{8}|[A-Za-z0-9_]{8}\.tmp|old)$")
+# ".<name>.old-<8 hex>", ".<name>.<8 chars>.tmp" (tempfile.mkstemp / mkdtemp), ".<name>.old"; the
+# sensitivity file's temporary name has no leading dot ("<name>.<8 chars>.tmp", in work/ only).
+_TMP_RX = re.compile(r"^(?P<dot>\.?)(?P<name>.+?)\.(tmp-[0-9a-f]{8}|old-[0-9a-f]{8}|[A-Za-z0-9_]{8}\.tmp|old)$")
 
 
-def leftovers(folder: Path, owned: Callable[[str], bool]) -> list[Path]:
-    """Temporary files / folders in ``folder`` left by killed writers of names ``owned`` accepts."""
+def leftovers(folder: Path, owned: Callable[[str], bool], *, hidden_only: bool = True) -> list[Path]:
+    """Temporary files / folders in ``folder`` left by killed writers of names ``owned`` accepts
+    (``hidden_only``: only names starting with a dot, as the writers of the output folder make them)."""
     if not folder.is_dir():
         return []
     found = []
     for p in folder.iterdir():
         m = _TMP_RX.match(p.name)
-        if m and owned(m.group("name")):
+        if m and (m.group("dot") or not hidden_only) and owned(m.group("name")):
             found.append(p)
     return sorted(found)
 
@@ -86,7 +88,10 @@ class FolderLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: runs are not serialised there
+            return
 
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -206,7 +211,7 @@ class OutputDir:
         def owned_top(name: str) -> bool:
             return name in ours or self.is_ours(name) or bool(re.fullmatch(r"(checkpoint|plan|formats)-.+", name))
 
-        found = leftovers(self.out, owned_top) + leftovers(self.work, lambda name: True)
+        found = leftovers(self.out, owned_top) + leftovers(self.work, lambda name: True, hidden_only=False)
         for p in found:
             _remove(p)
         if found:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from . import stages
-from .checks import check_model_source, check_settings, expand_paths
+from .checks import check_model_source, check_pins_bans, check_settings, expand_paths
 from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
 from .output_dir import OutputDir, budget_inputs_key
 from .plan import budget_label
@@ -155,6 +155,7 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
     body = stages.body(run, loaded, include=include, exclude=exclude)
     inputs = stage_key(loaded.fingerprint, cal.fingerprint, sorted(body.linears), formats, estimator, pins, bans,
                        asdict(probe), asdict(refine), asdict(smooth), memory_cap_gb is not None)
+    check_pins_bans(list(body.linears), pins, bans)  # before the probe: conflicts need only the names
     outputs.check_inputs(labels, inputs, overwrite=overwrite)  # before the probe: refuse what would be lost
     probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=estimator == "output", cfg=probe,
                           smooth=smooth, trainer=trainer)

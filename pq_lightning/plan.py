@@ -1,9 +1,10 @@
 """From per-Linear costs to a plan: groups under serving constraints, a budget, ``plan.json``.
 
 Budgets are either the average bits per parameter of the body (``target_bits``, the seed's
-"6.0 bpp") or a whole-checkpoint size in GB (``target_size_gb``, 1 GB = 10**9 bytes), which counts
-everything on disk: the body at its chosen formats plus every other tensor (embeddings, norms,
-``lm_head``, vision tower, biases) at its stored dtype.
+"6.0 bpp") or a checkpoint size in GB (``target_size_gb``, 1 GB = 10**9 bytes), which counts the
+bytes of every tensor on disk: the body at its chosen formats plus every other tensor (embeddings,
+norms, ``lm_head``, vision tower, biases) at its stored dtype. The safetensors headers, config,
+tokenizer and manifest files are not counted.
 """
 
 from __future__ import annotations
@@ -123,33 +124,22 @@ def build_groups(
     registered, a pin naming a format a Linear cannot take, a Linear pinned and banned from the
     same format (or pinned to two), or a regex that matches nothing, is an error that says so.
     """
-    from .checks import check_format_names
+    from .checks import check_format_names, check_pins_bans, pin_of
 
     pins = dict(pins or {})
     bans = {k: list(v) for k, v in (bans or {}).items()}
     check_format_names(formats, pins, bans, pins_in_menu=False)  # a pin off the menu: said per Linear below
     menu = list(dict.fromkeys([*formats, "bf16"]))
     names = list(costs)
-    for rx in [*pins, *bans]:
-        if not any(re.search(rx, n) for n in names):
-            raise ValueError(f"pin/ban regex {rx!r} matches no body Linear (e.g. {names[:2]}); fix the regex")
-
-    def pinned(name: str) -> tuple[str, str] | None:
-        hits = {(rx, fmt) for rx, fmt in pins.items() if re.search(rx, name)}
-        if len({fmt for _, fmt in hits}) > 1:
-            raise ValueError(f"{name} is pinned to two formats ({sorted(hits)}); make the pin regexes disjoint")
-        return min(hits) if hits else None
+    check_pins_bans(names, pins, bans)
 
     def allowed(name: str) -> list[str]:
         c = costs[name]
         ok = [f for f in menu if f in c.bits]
-        pin = pinned(name)
         for rx, banned in bans.items():
             if re.search(rx, name):
-                if pin is not None and pin[1] in banned:
-                    raise ValueError(f"{name} is pinned to {pin[1]!r} by {pin[0]!r} and banned from it by {rx!r}; "
-                                     "drop the pin or the ban")
                 ok = [f for f in ok if f not in banned]
+        pin = pin_of(name, pins)
         if pin is not None:
             rx, fmt = pin
             if fmt not in c.bits:

@@ -273,6 +273,15 @@ def base(**replace: str) -> list[str]:
     return out
 
 
+def validate(candidate: str) -> list[str]:
+    """``pq-lightning validate`` of ``candidate`` against the tiny reference, its tokenizer unnamed (null)."""
+    return ["validate", "--model", "pq_lightning.evaluate.QuantEvaluator", "--model.init_args.reference", "{tiny}",
+            "--model.init_args.candidate", candidate, "--model.init_args.output_dir", "eval",
+            "--data", "pq_lightning.data.EvalData", "--data.init_args.path", "{text}", "--data.init_args.window", "31",
+            "--data.init_args.max_windows", "2", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "."]
+
+
 def _finished(ref: str = "base"):
     """Setup: a finished run in ``out`` (a copy of the reference build ``ref``)."""
     def setup(case_dir: Path, fx: Path) -> None:
@@ -344,6 +353,12 @@ def refusal_cases() -> list[Case]:
         Case("invalid YAML config", ["--config", "c.yaml", *base()], R, "Problems parsing config",
              setup=_write("c.yaml", "a: [\n")),
         Case("seqlen 1", base(**{"calibration.seqlen": "1"}), R, "calibration.seqlen must be >= 2"),
+        Case("validate: missing candidate", validate("out/checkpoint-6bpp"), R, "does not exist", cmd=""),
+        Case("validate: half-written export", validate("out/.checkpoint-6bpp.tmp-0123abcd"), R,
+             "is a half-written export", cmd="",
+             setup=_write("out/.checkpoint-6bpp.tmp-0123abcd/.shard-00001.safetensors", "x" * 64)),
+        Case("validate: unquantized HF folder", validate("{tiny}"), R, "is an unquantized Hugging Face model",
+             cmd=""),
         # failures found only once the model or the data is read: still one line
         Case("NaN weight", base(model="{fx}/nan"), R, "model.layers.0.mlp.down_proj.weight (1 NaN, 0 Inf)"),
         Case("hidden 40, all-NVFP4 budget", base(model="{fx}/h40", target_bits="4.5"), R,
@@ -384,6 +399,9 @@ def ok_cases() -> list[Case]:
              check=lambda d: [] if (d / "home/runs/r1/checkpoint-6bpp").is_dir() and not (d / "~").exists()
              else ["output_dir not expanded"]),
         Case("two runs into one folder at once", base(), "concurrent"),
+        Case("validate with the reference's tokenizer", validate("out/checkpoint-6bpp"), K, cmd="", setup=_finished(),
+             reference=None, check=lambda d: [] if json.loads((d / "eval" / "eval.json").read_text())["n_positions"]
+             == 62 else ["eval.json is not of 2 windows x 31 positions"]),
         Case("--target_size_gb replaces the config's bits", ["--config", "c.yaml", *base(target_bits=None),
                                                             "--target_size_gb", "0.0001"], K,
              setup=_write("c.yaml", "target_bits: 6.0\n"), reference=None,

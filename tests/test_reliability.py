@@ -184,6 +184,16 @@ def test_4_pin_and_ban_on_one_linear_is_an_error_naming_it():
     assert qkv and all("nvfp4" not in {o.format for o in g.options} for g in qkv)
 
 
+def test_4_pin_ban_conflict_is_refused_before_the_probe(tmp_path, tiny_model_dir, monkeypatch):
+    import pq_lightning.stages as stages
+
+    monkeypatch.setattr(stages, "probe", lambda *a, **k: pytest.fail("probed before refusing"))
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj is pinned to 'fp8' by 'down_proj' and banned"):
+        quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / "o"),
+                 **_fast(tmp_path, pins={"down_proj": "fp8"}, bans={"layers.1": ["fp8"]}))
+    assert not (tmp_path / "o").exists()
+
+
 # ---- 5: one run per folder -----------------------------------------------------------------------
 def test_5_second_run_into_a_busy_folder_names_the_first(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
@@ -305,7 +315,7 @@ def test_8_next_run_removes_leftovers_of_a_killed_export(tmp_path, tiny_model_di
     stray = [out / ".plan-6bpp.json.x1y2z3w4.tmp", out / "work" / "sensitivity-0011.safetensors.a1b2c3d4.tmp"]
     for f in stray:
         f.write_bytes(b"partial")
-    mine = [out / ".notes.tmp-12345678", out / "notes.txt"]  # the user's, whatever they look like
+    mine = [out / ".notes.tmp-12345678", out / "notes.txt", out / "report.md.old"]  # the user's, whatever they look like
     for f in mine:
         f.write_text("keep")
     quantize(model=str(tiny_model_dir), output_dir=str(out), **_fast(tmp_path))
