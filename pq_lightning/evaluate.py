@@ -265,10 +265,14 @@ class QuantEvaluator(L.LightningModule):
 
     def configure_model(self) -> None:
         """Load the models (once): the reference unless a cache replaces it, and the candidate."""
+        from .checks import candidate_problem, check_model_path
+        from .errors import UserError
         from .models import load_model, resolve_dtype
         from .served import load_quantized_checkpoint
 
         hp = self.hparams
+        if self.candidate_model is None and hp.candidate is not None and (problem := candidate_problem(hp.candidate)):
+            raise UserError(problem)
         cache_path = hp.reference_cache
         if self._lookup is None and cache_path is not None and Path(cache_path).is_file():
             windows, cache, meta = load_reference_cache(cache_path)
@@ -283,6 +287,7 @@ class QuantEvaluator(L.LightningModule):
         dtype = resolve_dtype(hp.dtype)
         need_ref = not use_cache or (self.candidate_model is None and hp.plan is not None)
         if self.reference_model is None and need_ref:
+            check_model_path(hp.reference, "reference")
             self.reference_model = load_model(hp.reference, gguf_file=hp.reference_gguf_file, dtype=dtype)
         if self.candidate_model is None:
             if hp.plan is not None:

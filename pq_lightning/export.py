@@ -39,6 +39,7 @@ from torch import nn
 
 from .architectures import fused_groups, model_type_of
 from .formats import QuantFormat, get_format
+from .integrity import files_table
 from .streaming import full_state_items, weight_of
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -100,6 +101,35 @@ def manifest_stage_key(ckpt: str | Path) -> str | None:
         return json.loads(path.read_text()).get("manifest", {}).get("stage_key", "")
     except (OSError, ValueError):
         return ""
+
+
+def read_manifest(ckpt: str | Path) -> dict | None:
+    """The ``pq_manifest.json`` of a checkpoint this project wrote (None: absent or unreadable)."""
+    try:
+        record = json.loads((Path(ckpt) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def checkpoint_problems(ckpt: str | Path) -> list[str]:
+    """How a checkpoint folder differs from what its manifest says was written (sizes and sha256 of
+    every file); empty when it is whole."""
+    from .integrity import table_problems
+
+    record = read_manifest(ckpt)
+    if record is None:
+        return [f"{MANIFEST_NAME} is missing or unreadable"]
+    if not isinstance(record.get("files"), dict):
+        return [f"{MANIFEST_NAME} lists no files (written by an older pq-lightning)"]
+    return table_problems(ckpt, record["files"])
+
+
+def checkpoint_digest(ckpt: str | Path) -> str:
+    """16 hex characters identifying a checkpoint's files (from the sha256 its manifest lists)."""
+    from .integrity import table_digest
+
+    return table_digest((read_manifest(ckpt) or {}).get("files") or {})
 
 
 @dataclass
@@ -655,6 +685,7 @@ def export_checkpoint(
             "fused_groups": [list(g) for g in fused_groups],
             **({"manifest": dict(manifest)} if manifest else {}),
         }
+        record["files"] = files_table(tmp)  # what "up to date" checks before this checkpoint is reused
         (tmp / MANIFEST_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:

