@@ -152,7 +152,7 @@ def converted_folder(name: str) -> Path:
         return folder
     print(f"pq-lightning: converting {gguf.name} once into {folder} (a few minutes)", file=sys.stderr)
     model, tokenizer = load_causal_lm(str(gguf), dtype="float32")
-    save_reference(model, portable_tokenizer(tokenizer), folder, dtype="float32", overwrite=True)
+    save_reference(model, tokenizer, folder, dtype="float32", overwrite=True)
     try:
         check_tokenizer(tokenizer, folder)
     except BaseException:
@@ -165,22 +165,9 @@ def converted_folder(name: str) -> Path:
 _TOKENIZER_PROBE = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : 2011 , 1 @,@ 000 km²  end.\t東京 ok"
 
 
-def portable_tokenizer(tokenizer: Any) -> Any:
-    """The tokenizer as a plain ``PreTrainedTokenizerFast`` around the same backend and special tokens.
-
-    A GGUF tokenizer converts to a Unigram backend, and transformers' ``GemmaTokenizer`` does not
-    reload that from ``tokenizer.json``: it rebuilds a BPE from the bare vocabulary, which splits
-    text into single characters. The plain class reloads the file as it is.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map)
-    fast.chat_template = getattr(tokenizer, "chat_template", None)
-    return fast
-
-
 def check_tokenizer(tokenizer: Any, folder: Path) -> None:
-    """Raise unless the tokenizer saved in ``folder`` splits a probe text as ``tokenizer`` does."""
+    """Raise unless the tokenizer saved in ``folder`` splits a probe text as ``tokenizer`` does (see
+    :func:`pq_lightning.models.portable_tokenizer` for how it could not)."""
     from transformers import AutoTokenizer
 
     saved = AutoTokenizer.from_pretrained(str(folder))

