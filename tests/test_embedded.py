@@ -125,3 +125,12 @@ def test_a_gemma_unigram_tokenizer_survives_save_and_reload_only_when_portable(t
     again = AutoTokenizer.from_pretrained(tmp_path / "portable")
     assert again.convert_ids_to_tokens(again(text, add_special_tokens=False)["input_ids"]) == ["The", "▁quick", "▁fox"]
     assert again.bos_token_id == 2 and again.pad_token_id == 0
+
+
+def test_a_short_name_streams_its_converted_folder(fake_chunks, tiny_model_dir, monkeypatch):
+    """Layer streaming takes a short name whose model is a converted folder (here: a tiny Llama's)."""
+    from pq_lightning.streaming import load_streamed_model, streamer_of
+
+    monkeypatch.setattr(embedded, "resolve_embedded", lambda name: (str(tiny_model_dir), None))
+    model = load_streamed_model("fake-model", dtype="float32", memory_cap_gb=1.0)
+    assert streamer_of(model) is not None and model.config.hidden_size == 64
