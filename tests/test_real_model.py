@@ -96,12 +96,12 @@ def test_gemma3_probe_step_matches_transformers_loss(tmp_path):
     for h in handles:
         h.remove()
     n = ids[:, 1:].numel()
-    want = {name: float(((out.grad * n).pow(2).sum(-1) * x.pow(2).sum(-1)).double().sum() / n)
+    want = {name: float(((out.grad * n).pow(2).sum(-1) * x.detach().pow(2).sum(-1)).double().sum() / n)
             for name, (x, out) in seen.items()}
     seen.clear()
 
     with torch.no_grad():
-        assert module.next_token_loss(ids).item() == pytest.approx(reference.item(), rel=1e-5)
+        assert module.next_token_loss(ids).item() == pytest.approx(float(reference.detach()), rel=1e-5)
     probe = FisherProbe(output_path=str(tmp_path / "sens.safetensors"), output_error=False)
     quiet_trainer([probe], max_steps=1).fit(module, datamodule=data)
     sens = probe.sensitivity
