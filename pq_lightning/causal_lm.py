@@ -34,10 +34,16 @@ import lightning
 import torch
 import torch.nn.functional as F
 
+from pq_lightning.lm_head import (
+    IGNORE_INDEX,
+    LOGIT_CHUNK_BYTES,
+    next_token_loss_mean,
+    positions_per_chunk,
+    split_head,
+)
 from pq_lightning.models import load_model
 from pq_lightning.streaming import load_streamed_model, streamer_of
 
-IGNORE_INDEX = -100
 # Lightning warnings that are expected in probe-only mode (no optimizer; the model kept in eval mode)
 _PROBE_WARNINGS = (r".*configure_optimizers.*returned `None`.*", r"Found \d+ module\(s\) in eval mode.*")
 
@@ -116,6 +122,7 @@ class CausalLM(lightning.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.last_token_count = 0
+        self.logit_chunk_bytes = LOGIT_CHUNK_BYTES
         self._embedding_hook: Any = None
         self._ddp_anchor: torch.nn.Parameter | None = None
         if probe_only:
@@ -230,20 +237,25 @@ class CausalLM(lightning.LightningModule):
     # forward and loss
     # ---------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` of the wrapped model (no KV cache)."""
+    def _run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
         streamer = streamer_of(self.model)
         if streamer is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         with streamer.autograd_context():  # autograd keeps references to streamed weights, not copies
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of the wrapped model (no KV cache)."""
+        return self._run_model(input_ids, attention_mask).logits
 
     def next_token_loss(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32) over the predicted positions of ``batch``.
 
         Equals the sum-reduced per-token loss divided by the number of predicted tokens, stored in
         ``self.last_token_count``. Positions whose target has ``attention_mask == 0`` (when the batch
-        carries a mask) are not counted.
+        carries a mask) are not counted. The logits are made and scored ``logit_chunk_bytes`` at a
+        time (:mod:`pq_lightning.lm_head`), never for the whole batch at once, unless the model's
+        head cannot be reproduced or carries hooks.
         """
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
@@ -251,18 +263,21 @@ class CausalLM(lightning.LightningModule):
         attention_mask = batch.get("attention_mask")
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError(f"input_ids must be [batch, seq>=2], got {tuple(input_ids.shape)}.")
-        logits = self(input_ids, attention_mask)
         labels = input_ids[:, 1:]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-        shift = logits[:, :-1].float()
-        loss_sum = F.cross_entropy(
-            shift.reshape(-1, shift.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
         count = int((labels != IGNORE_INDEX).sum())
         if count == 0:
             raise ValueError("The batch has no token to predict (all targets masked).")
         self.last_token_count = count
+        split = split_head(self.model, self._run_model, input_ids, attention_mask)
+        if split is not None:
+            chunk = positions_per_chunk(split.vocab_size, self.logit_chunk_bytes)
+            return next_token_loss_mean(split, labels, count, chunk)
+        shift = self(input_ids, attention_mask)[:, :-1].float()
+        loss_sum = F.cross_entropy(
+            shift.reshape(-1, shift.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return loss_sum / count
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

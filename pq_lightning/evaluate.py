@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_write_text
+from .lm_head import LOGIT_CHUNK_BYTES, ChunkedLogits, chunked_logits
 from .metrics import QuantEvalMetrics, ReferenceCache, reference_cache_entries
 
 REPORT_KEYS = (
@@ -196,6 +197,22 @@ def _cache_row(cache: ReferenceCache, i: int, device: torch.device) -> Reference
     ).to(device)
 
 
+def _cache_slice(cache: ReferenceCache, start: int, stop: int) -> ReferenceCache:
+    """Positions ``start … stop-1`` of a one-window cache (entries ``[T-1, k]``)."""
+    return ReferenceCache(
+        cache.topk_logprobs[start:stop], cache.topk_ids[start:stop], cache.top1_prob[start:stop],
+        cache.argmax[start:stop],
+    )
+
+
+def _cat_caches(parts: Sequence[ReferenceCache]) -> ReferenceCache:
+    """One window's cache from the caches of its consecutive position chunks."""
+    return ReferenceCache(
+        torch.cat([p.topk_logprobs for p in parts]), torch.cat([p.topk_ids for p in parts]),
+        torch.cat([p.top1_prob for p in parts]), torch.cat([p.argmax for p in parts]),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # LightningModule
 # --------------------------------------------------------------------------------------------
@@ -252,6 +269,7 @@ class QuantEvaluator(L.LightningModule):
         self._lookup: _CacheLookup | None = None
         self._cache_rows: list[tuple[Tensor, ReferenceCache]] = []
         self._writes_cache = False
+        self.logit_chunk_bytes = LOGIT_CHUNK_BYTES  # logits are made this many bytes of positions at a time
 
     @classmethod
     def from_models(cls, reference_model, candidate_model=None, **kwargs) -> QuantEvaluator:
@@ -313,9 +331,8 @@ class QuantEvaluator(L.LightningModule):
                 m.eval()
                 m.requires_grad_(False)
 
-    @staticmethod
-    def _logits(model, input_ids: Tensor) -> Tensor:
-        return model(input_ids=input_ids, use_cache=False).logits
+    def _logits(self, model, input_ids: Tensor) -> ChunkedLogits:
+        return chunked_logits(model, input_ids, chunk_bytes=self.logit_chunk_bytes)
 
     # ---- loop -----------------------------------------------------------------------------
 
@@ -327,20 +344,25 @@ class QuantEvaluator(L.LightningModule):
         ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
         if ids.ndim != 2 or ids.shape[1] < 2:
             raise ValueError(f"batches must be token windows [batch, T >= 2], got shape {tuple(ids.shape)}")
+        stop = ids.shape[1] - 1  # positions that predict a token of the window
         with torch.inference_mode():
             q = self._logits(self.candidate_model, ids)
             if self._lookup is not None:
                 rows = self._lookup.rows(ids)
                 for b in range(ids.shape[0]):
-                    # each row [T-1, V] is a contiguous view: no copy of the logits
-                    self.metrics.update(_cache_row(self._lookup.cache, int(rows[b]), q.device), q[b, :-1])
+                    cache = _cache_row(self._lookup.cache, int(rows[b]), ids.device)
+                    for start, q_part in q.rows(b, stop):
+                        self.metrics.update(_cache_slice(cache, start, start + q_part.shape[0]), q_part)
                 return
             ref = self._logits(self.reference_model, ids)
             for b in range(ids.shape[0]):
-                self.metrics.update(ref[b, :-1], q[b, :-1])
+                entries = []
+                for (_, r_part), (_, q_part) in zip(ref.rows(b, stop), q.rows(b, stop), strict=True):
+                    self.metrics.update(r_part, q_part)
+                    if self._writes_cache:
+                        entries.append(reference_cache_entries(r_part, self.hparams.top_k).to("cpu"))
                 if self._writes_cache:
-                    entry = reference_cache_entries(ref[b, :-1], self.hparams.top_k).to("cpu")
-                    self._cache_rows.append((ids[b].cpu(), entry))
+                    self._cache_rows.append((ids[b].cpu(), _cat_caches(entries)))
 
     test_step = validation_step
     on_test_epoch_start = on_validation_epoch_start

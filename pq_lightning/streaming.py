@@ -512,7 +512,8 @@ def load_streamed_model(
     """A Hugging Face causal LM whose decoder layers stream from disk (or host memory) to the device.
 
     Args:
-        folder: a Hugging Face folder with safetensors weights (GGUF and hub ids: convert first).
+        folder: a Hugging Face folder with safetensors weights (GGUF and hub ids: convert first), or
+            the short name of an embedded model converted to one (``gemma3-270m``).
         gguf_file: refused (a GGUF loads whole); present so callers can pass their arguments through.
         dtype: the weights' dtype in use.
         memory_cap_gb: bound on the weights held on the device at once (see :class:`LayerStreamer`).
@@ -526,10 +527,13 @@ def load_streamed_model(
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from .models import _model_class_for, language_model_layers, resolve_dtype
+    from .embedded import EMBEDDED
+    from .models import _model_class_for, language_model_layers, resolve_dtype, resolve_model_source
 
     if offload not in ("disk", "host"):
         raise ValueError(f"offload must be 'disk' or 'host', got {offload!r}")
+    if folder is not None and str(folder) in EMBEDDED and gguf_file is None:
+        folder, gguf_file = resolve_model_source(str(folder))  # gemma3-270m: its converted folder
     if folder is None or gguf_file is not None or str(folder).endswith(".gguf"):
         raise ValueError(
             "layer streaming reads a Hugging Face folder with safetensors weights; a GGUF model (the default "

@@ -21,6 +21,10 @@ Fixtures (all offline, each builds in well under a second):
   would pick the wrong one. ``model.embed_vision.embedding_projection`` and ``lm_head`` (tied) are
   Linears outside the body. A forward with ``input_ids`` only works (no pixels needed).
 
+* ``make_tiny_gemma3(**config_overrides)``: ``Gemma3ForCausalLM`` (text only) in float32, seeded:
+  hidden 32, 2 layers (sliding then full attention), vocab 128, tied ``lm_head``, ``(1 + weight)``
+  RMSNorms with non-zero weights, final-logit soft-capping 30. Body: 14 Linears under ``model.layers``.
+
 * ``tiny_model_dir``: a Hugging Face folder with a tiny Llama (hidden 64, intermediate 128) and the
   tiny tokenizer, plus ``text.txt`` (:data:`TINY_TEXT`) beside it, for pipeline-level tests.
 
@@ -140,6 +144,40 @@ def build_tiny_gemma4(
     return Gemma4ForConditionalGeneration(config).float().eval()
 
 
+def build_tiny_gemma3(**overrides: Any) -> Any:
+    """The ``make_tiny_gemma3`` fixture's model: ``Gemma3ForCausalLM`` in float32, seeded, hidden 32,
+    intermediate 64, 2 layers (sliding then full attention), 4 heads / 2 KV heads (head_dim 8), vocab
+    128, tied embeddings, ``(1 + weight)`` RMSNorms, final-logit soft-capping 30; the norms' weights
+    drawn from N(0, 0.5) (a fresh model has them all zero, which would hide the ``1 +``)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs)).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.5)
+    return model
+
+
 @pytest.fixture
 def quiet_single_thread():
     """One torch intra-op thread and Lightning's expected warnings silenced, for one test.
@@ -184,6 +222,11 @@ def make_tiny_gemma4() -> Callable[..., Any]:
 @pytest.fixture
 def tiny_gemma4() -> Any:
     return build_tiny_gemma4()
+
+
+@pytest.fixture
+def make_tiny_gemma3() -> Callable[..., Any]:
+    return build_tiny_gemma3
 
 
 #: Calibration text for pipeline-level tests (repeated so that a few windows of 32 tokens fit).

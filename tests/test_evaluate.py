@@ -356,3 +356,25 @@ def test_llmcompressor_nvfp4_checkpoint(setup, tmp_path):
         gs = disk[f"{name}.weight_global_scale"]
         ours = get_format("nvfp4").fake_quant(src[name].weight.detach(), global_scale=gs)
         assert torch.equal(mods[name].weight.float(), ours), name
+
+
+# ---- logits a chunk of positions at a time -------------------------------------------------------
+
+
+def test_chunked_logits_equal_the_plain_loop(setup, make_tiny_gemma3, monkeypatch):
+    """Logits made 5 positions at a time (7 chunks per 31-position window), for the Llama checkpoint
+    and for a tied, soft-capped Gemma-3 against an RTN copy of itself: the plain loop's metrics."""
+    import pq_lightning.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "LOGIT_CHUNK_BYTES", 5 * 4 * 128)
+    windows = _windows(3, seed=5)
+    cand, _ = load_quantized_checkpoint(setup["root"] / "ckpt", dtype=torch.float32)
+    _assert_metrics(evaluate_models(setup["ref"], cand, windows, batch_size=2),
+                    _plain_loop(setup["ref"], cand, windows), rel=1e-5)
+
+    gemma = make_tiny_gemma3(initializer_range=0.5)
+    plan = {n: "nvfp4a16" for n, m in gemma.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    quantized = evaluate.fake_quant_candidate(gemma, plan)
+    want = _plain_loop(gemma, quantized, windows)
+    assert want["kl_all"] > 0 and 0 < want["n_confident"]
+    _assert_metrics(evaluate_models(gemma, quantized, windows, batch_size=2), want, rel=1e-5)

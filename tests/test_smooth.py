@@ -1,5 +1,6 @@
-"""Activation smoothing: hand-computed scales, exact folds on Llama and Gemma-4, the W4A4 error it
-removes, and the refusals (a ``1 + weight`` norm, a fold that would change the logits)."""
+"""Activation smoothing: hand-computed scales, exact folds on Llama, Gemma-4 and Gemma-3 (``1 + weight``
+norms, fp32 and bf16), the W4A4 error it removes, and the refusals (a norm of another form, a fold that
+would change the logits)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import torch
 from torch import nn
 
 from pq_lightning.formats import get_format
-from pq_lightning.smooth import SmoothConfig, SmoothMapping, _linear_in_weight, smooth_model, smoothing_scales
+from pq_lightning.smooth import (
+    SmoothConfig,
+    SmoothMapping,
+    _gain_offset,
+    exact_scales,
+    smooth_model,
+    smoothing_scales,
+    unfold_smoothing,
+)
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
@@ -117,14 +126,78 @@ class _OnePlusNorm(nn.Module):
         return x * (1 + self.weight)
 
 
-def test_a_norm_not_linear_in_its_weight_is_refused(make_tiny_llama):
-    s = torch.tensor([2.0, 0.5, 1.0, 4.0])
-    assert not _linear_in_weight(_OnePlusNorm(4), s)
+class _SquareNorm(_OnePlusNorm):
+    def forward(self, x):
+        return x * self.weight**2
+
+
+def test_the_gain_form_of_a_norm_is_found_on_the_norm_itself(make_tiny_llama, make_tiny_gemma3):
+    assert _gain_offset(_OnePlusNorm(4)) == 1.0
+    assert _gain_offset(make_tiny_gemma3().model.layers[0].input_layernorm) == 1.0
     norm = make_tiny_llama().model.layers[0].input_layernorm
-    assert _linear_in_weight(norm, torch.full((norm.weight.numel(),), 2.0))
     saved = norm.weight.detach().clone()
-    _linear_in_weight(norm, torch.full((norm.weight.numel(),), 2.0))
+    assert _gain_offset(norm) == 0.0
     assert torch.equal(norm.weight, saved)  # the check leaves the weight as it found it
+    square = _SquareNorm(4)
+    with torch.no_grad():
+        square.weight.fill_(1.5)
+    assert _gain_offset(square) is None
+
+
+def test_exact_scales_by_hand():
+    """``w' = (1 + w) / s - 1`` must give back ``(1 + w) / s`` and unfold to ``w`` bit for bit."""
+    # fp32, gain 1 + w: 6.4375 -> 2.71875 (exact); -1 (gain 0) folds at any s; 2**-30 vanishes in
+    # 1 + w, so no fold unfolds to it: 1; gain 1.5 at s 1/2 -> w' = 2 (exact)
+    w = torch.tensor([6.4375, -1.0, 2.0**-30, 0.5])
+    s = torch.tensor([2.0, 4.0, 2.0, 0.5])
+    assert exact_scales(w, 1.0, s).tolist() == [2.0, 4.0, 1.0, 0.5]
+    # bf16, w = 77/256: at s 4, w' = -691/1024 needs 10 significant bits (bf16 has 8); at s 2,
+    # w' = -179/512 fits: the nearest exact power of two toward 1
+    wb = torch.tensor([77 / 256, 6.4375], dtype=torch.bfloat16)
+    assert exact_scales(wb, 1.0, torch.tensor([4.0, 2.0])).tolist() == [2.0, 2.0]
+    # gain w: every power of two folds exactly
+    assert exact_scales(torch.tensor([0.3, -7.1]), 0.0, torch.tensor([8.0, 0.25])).tolist() == [8.0, 0.25]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_plus_weight_norms_fold_exactly(make_tiny_gemma3, dtype):
+    """Gemma-3 (``1 + w`` norms holding bf16 values, as the real checkpoints do): the logits do not move
+    by one bit and the unfold gives back every weight. In fp32 every channel takes its wanted scale; in
+    bf16 the channels whose folded weight is not representable take a smaller power of two."""
+    from pq_lightning.smooth import find_mappings, fold_smoothing
+
+    model = make_tiny_gemma3().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.to(dtype)
+    w = _windows()
+    with torch.no_grad():
+        before = model(input_ids=w).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = find_mappings(model, w)
+    modules = dict(model.named_modules())
+    wanted = {m.producer: smoothing_scales(stats.amax[m.consumers[0]], [modules[c].weight for c in m.consumers], 0.5)
+              for m in stats.mappings}
+    res = fold_smoothing(model, stats, SmoothConfig(alpha=0.5, search=[]), w[:1])
+    with torch.no_grad():
+        after = model(input_ids=w).logits
+    assert torch.equal(before, after) and res.max_logit_change == 0.0 and res.skipped == []
+    kinds = [(m.producer.rsplit(".", 1)[1], m.kind) for m in res.mappings]
+    assert kinds == [("input_layernorm", "norm"), ("pre_feedforward_layernorm", "norm"), ("up_proj", "linear_rows")] * 2
+    assert res.offsets["model.layers.0.input_layernorm"] == 1.0
+    stepped = 0
+    for m in res.mappings:
+        got, want = res.scales[m.producer], wanted[m.producer]
+        # each channel: the wanted power of two, or one nearer to 1 (never past it)
+        assert torch.all((got == want) | ((got - 1) * (want - got) > 0) | (got == 1)), m.producer
+        stepped += int((got != want).sum())
+        if m.kind == "norm":
+            gain = 1 + modules[m.producer].weight.float()
+            assert torch.equal(gain, (1 + state[f"{m.producer}.weight"].float()) / got), m.producer
+    assert (stepped == 0) if dtype == torch.float32 else (stepped > 0)
+    unfold_smoothing(model, res)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_a_fold_that_moves_the_logits_is_undone(make_tiny_llama, monkeypatch):
