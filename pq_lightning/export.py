@@ -27,7 +27,6 @@ import json
 import math
 import shutil
 import struct
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_dir, check_out_dir
 from .formats import NVFP4, QuantFormat, get_format
 from .streaming import full_state_items, weight_of
 
@@ -570,18 +570,6 @@ def package_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite) to "
-                "replace it, or choose another output folder"
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
 def export_checkpoint(
     model: nn.Module,
     plan: Mapping[str, str],
@@ -617,7 +605,7 @@ def export_checkpoint(
     out_dir = Path(out_dir).resolve()
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
-    _prepare_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite=overwrite)  # refuse before the work, not after
     if fused_groups is None:
         fused_groups = default_fused_groups([n for n in linear_modules(model) if n in plan])
     formats, weight_gs, input_gs = resolve_packed(
@@ -629,9 +617,7 @@ def export_checkpoint(
     ckpt_formats = {rename(f"{n}.weight").rsplit(".", 1)[0]: f for n, f in formats.items()}
     qconfig = build_quantization_config(ckpt_formats, ckpt_linears)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         n_shards = _write_shards(
             _stream_tensors(model, formats, quantized=quantized, weight_gs=weight_gs, input_gs=input_gs),
             tmp,
@@ -658,10 +644,6 @@ def export_checkpoint(
             **({"manifest": dict(manifest)} if manifest else {}),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(
         out_dir=out_dir,
         linear_bytes={n: linear_bytes[c] for n, c in zip(linears, ckpt_linears, strict=True)},
@@ -669,22 +651,3 @@ def export_checkpoint(
         n_shards=n_shards,
         format_counts=counts,
     )
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``, removing an old ``out_dir`` only afterwards."""
-    old = None
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        else:
-            out_dir.rmdir()
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        if old is not None:
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -52,6 +52,7 @@ correctness target (bit-exactness, pytest), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -138,10 +139,13 @@ class Report:
         self.failed: list[str] = []
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_strict(self.data), indent=1, default=_json_default, allow_nan=False) + "\n")
-        os.replace(tmp, self.path)
+        # pq_lightning/atomic.py by path (standard library only): the report is still written when
+        # installing or importing pq_lightning is what failed
+        spec = importlib.util.spec_from_file_location("_pq_atomic", REPO / "pq_lightning" / "atomic.py")
+        atomic = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(atomic)
+        text = json.dumps(_strict(self.data), indent=1, default=_json_default, allow_nan=False) + "\n"
+        atomic.atomic_write_text(self.path, text)
 
     @contextmanager
     def section(self, name: str) -> Iterator[dict[str, Any]]:
