@@ -110,7 +110,7 @@ def assemble(parts: list[Path], target: Path, sha256: str | None) -> Path:
     """Concatenate ``parts`` into ``target`` (atomically: the file appears whole or not at all),
     checking the sha256 of the result before it is renamed into place."""
     digest = hashlib.sha256()
-    with atomic_file(target) as out:
+    with atomic_file(target) as tmp, tmp.open("wb") as out:
         for part in parts:
             with part.open("rb") as f:
                 while block := f.read(1 << 22):

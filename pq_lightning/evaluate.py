@@ -28,8 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +37,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write_text
+from .atomic import atomic_file, atomic_write_text
 from .lm_head import LOGIT_CHUNK_BYTES, ChunkedLogits, chunked_logits
 from .metrics import QuantEvalMetrics, ReferenceCache, reference_cache_entries
 
@@ -128,7 +126,6 @@ def save_reference_cache(path: str | Path, windows: Tensor, cache: ReferenceCach
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "windows": windows.to(torch.int64).contiguous(),
         "topk_logprobs": cache.topk_logprobs.contiguous(),
@@ -137,12 +134,8 @@ def save_reference_cache(path: str | Path, windows: Tensor, cache: ReferenceCach
         "argmax": cache.argmax.to(torch.int32).contiguous(),
     }
     metadata = {"format": CACHE_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_reference_cache(path: str | Path) -> tuple[Tensor, ReferenceCache, dict[str, Any]]:

@@ -28,7 +28,6 @@ import json
 import math
 import shutil
 import struct
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .architectures import fused_groups, model_type_of
+from .atomic import atomic_dir, check_out_dir
 from .formats import QuantFormat, get_format
 from .integrity import files_table
 from .streaming import full_state_items, weight_of
@@ -598,18 +598,6 @@ def package_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite) to "
-                "replace it, or choose another output folder"
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
 def export_checkpoint(
     model: nn.Module,
     plan: Mapping[str, str],
@@ -645,7 +633,7 @@ def export_checkpoint(
     out_dir = Path(out_dir).resolve()
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
-    _prepare_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite=overwrite)  # refuse before the work, not after
     if fused_groups is None:
         fused_groups = default_fused_groups(model, list(linear_modules(model)))
     formats, weight_gs, input_gs = resolve_packed(
@@ -657,9 +645,7 @@ def export_checkpoint(
     ckpt_formats = {rename(f"{n}.weight").rsplit(".", 1)[0]: f for n, f in formats.items()}
     qconfig = build_quantization_config(ckpt_formats, ckpt_linears)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         n_shards = _write_shards(
             _stream_tensors(model, formats, quantized=quantized, weight_gs=weight_gs, input_gs=input_gs),
             tmp,
@@ -687,10 +673,6 @@ def export_checkpoint(
         }
         record["files"] = files_table(tmp)  # what "up to date" checks before this checkpoint is reused
         (tmp / MANIFEST_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(
         out_dir=out_dir,
         linear_bytes={n: linear_bytes[c] for n, c in zip(linears, ckpt_linears, strict=True)},
@@ -698,22 +680,3 @@ def export_checkpoint(
         n_shards=n_shards,
         format_counts=counts,
     )
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``, removing an old ``out_dir`` only afterwards."""
-    old = None
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        else:
-            out_dir.rmdir()
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        if old is not None:
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -53,10 +53,10 @@ def run_outputs(labels: Sequence[str]) -> list[str]:
 
 
 # ---- leftovers ----------------------------------------------------------------------------------
-# Temporary names of pq_lightning.atomic / export / sensitivity writers: ".<name>.tmp-<8 hex>",
-# ".<name>.old-<8 hex>", ".<name>.<8 chars>.tmp" (tempfile.mkstemp / mkdtemp), ".<name>.old"; the
+# Temporary names of pq_lightning.atomic / export / sensitivity writers: ".<name>.tmp-<hex>",
+# ".<name>.old-<hex>", ".<name>.<8 chars>.tmp" (tempfile.mkstemp / mkdtemp), ".<name>.old"; the
 # sensitivity file's temporary name has no leading dot ("<name>.<8 chars>.tmp", in work/ only).
-_TMP_RX = re.compile(r"^(?P<dot>\.?)(?P<name>.+?)\.(tmp-[0-9a-f]{8}|old-[0-9a-f]{8}|[A-Za-z0-9_]{8}\.tmp|old)$")
+_TMP_RX = re.compile(r"^(?P<dot>\.?)(?P<name>.+?)\.(tmp-[0-9a-f]{8,}|old-[0-9a-f]{8,}|[A-Za-z0-9_]{8}\.tmp|old)$")
 
 
 def leftovers(folder: Path, owned: Callable[[str], bool], *, hidden_only: bool = True) -> list[Path]:

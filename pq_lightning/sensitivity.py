@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_file
 
 META_KEY = "pq_lightning.sensitivity"
 FILE_VERSION = 1
@@ -116,16 +117,8 @@ def save_sensitivity(sens: Sensitivity, path: str | os.PathLike[str]) -> Path:
     meta = dict(sens.meta)
     meta.setdefault("file_version", FILE_VERSION)
     header = {META_KEY: json.dumps({"meta": meta, "linears": shapes}, sort_keys=True, default=str)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
     return path
 
 

@@ -1,8 +1,9 @@
 """Run one llm-compressor recipe on prepared calibration windows and save the compressed checkpoint.
 
 A peer runner for ``scripts/bench_vs_peers.py``. It runs under an interpreter that has llm-compressor
-(e.g. a separate virtual environment, see the bench's docstring) and imports nothing from
-``pq_lightning``, so the two projects' dependency pins never meet in one environment.
+(e.g. a separate virtual environment, see the bench's docstring) and needs nothing of the
+``pq_lightning`` package (only its standard-library file ``atomic.py``, loaded by path), so the two
+projects' dependency pins never meet in one environment.
 
 Inputs are exactly what the bench hands every row:
 
@@ -36,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -135,6 +134,19 @@ def versions(
     return out
 
 
+def load_atomic() -> Any:
+    """pq_lightning/atomic.py, loaded by path: it needs only the standard library, so this runner
+    writes atomically without importing (or needing) the pq_lightning package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_pq_atomic", Path(__file__).resolve().parents[1] / "pq_lightning" / "atomic.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, run ``oneshot`` (timed alone), save; return the record written to ``peer_run.json``."""
     import torch
@@ -143,10 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.output)
-    if out.exists():
-        if not args.overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
-        shutil.rmtree(out)
+    atomic = load_atomic()
+    atomic.check_out_dir(out, overwrite=args.overwrite)  # refuse before oneshot, not after
 
     windows = load_windows(args.tokens) if args.recipe != "fp8_dynamic" else None
 
@@ -172,28 +182,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     oneshot_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), save_compressed=True)
-    tokenizer.save_pretrained(str(tmp))
-    save_s = time.perf_counter() - t0
+    with atomic.atomic_dir(out, overwrite=args.overwrite) as tmp:  # the old folder goes only once this is whole
+        model.save_pretrained(str(tmp), save_compressed=True)
+        tokenizer.save_pretrained(str(tmp))
+        save_s = time.perf_counter() - t0
 
-    record: dict[str, Any] = {
-        "tool": "llm-compressor",
-        "recipe": args.recipe,
-        "modifier": json.loads(recipe.model_dump_json()) if hasattr(recipe, "model_dump_json") else repr(recipe),
-        "oneshot_s": oneshot_s,
-        "load_s": load_s,
-        "save_s": save_s,
-        "num_windows": int(windows.shape[0]) if windows is not None else 0,
-        "seqlen": int(windows.shape[1]) if windows is not None else 0,
-        "tokens_file": str(args.tokens) if windows is not None else None,
-        "threads": torch.get_num_threads(),
-        "versions": versions(),
-    }
-    (tmp / RUN_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    os.replace(tmp, out)
+        record: dict[str, Any] = {
+            "tool": "llm-compressor",
+            "recipe": args.recipe,
+            "modifier": json.loads(recipe.model_dump_json()) if hasattr(recipe, "model_dump_json") else repr(recipe),
+            "oneshot_s": oneshot_s,
+            "load_s": load_s,
+            "save_s": save_s,
+            "num_windows": int(windows.shape[0]) if windows is not None else 0,
+            "seqlen": int(windows.shape[1]) if windows is not None else 0,
+            "tokens_file": str(args.tokens) if windows is not None else None,
+            "threads": torch.get_num_threads(),
+            "versions": versions(),
+        }
+        (tmp / RUN_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return record
 
 

@@ -71,9 +71,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# the llm-compressor runner beside this file: the same windows file format and version record
+# the llm-compressor runner beside this file: the same windows file format, version record and atomic writer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers_llmcompressor import load_windows  # noqa: E402
+from peers_llmcompressor import load_atomic, load_windows  # noqa: E402
 from peers_llmcompressor import versions as llmc_versions  # noqa: E402
 
 #: ModelOpt's nominal weight bits per format (its configs' effective_bits; FP8 from E4M3's 1+4+3 bits).
@@ -430,11 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     record = run(args)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    tmp.replace(out)
+    load_atomic().atomic_write_text(args.output, json.dumps(record, indent=1, default=str) + "\n")
     summary = {k: record[k] for k in ("target_bpp", "effective_bits_constraint", "effective_bits",
                                        "body_bpp_modelopt", "body_bpp_ours", "format_counts", "auto_quantize_s")}
     print(json.dumps(summary))

@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics.functional import spearman_corrcoef
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/smollm2-135m-wikitext.yaml"
@@ -80,46 +81,19 @@ PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # ---------------------------------------------------------------------------------------------
 
 
-def average_ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks of ``values``; tied values share the mean of the ranks they span."""
-    n = len(values)
-    order = sorted(range(n), key=lambda i: values[i])
-    ranks = [0.0] * n
-    i = 0
-    while i < n:
-        j = i
-        while j + 1 < n and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        rank = (i + j) / 2 + 1  # mean of the 1-based ranks i+1 … j+1
-        for k in range(i, j + 1):
-            ranks[order[k]] = rank
-        i = j + 1
-    return ranks
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equally long sequences; nan when either is constant or n < 2."""
-    if len(x) != len(y):
-        raise ValueError(f"pearson needs sequences of one length, got {len(x)} and {len(y)}")
-    n = len(x)
-    if n < 2:
-        return math.nan
-    mx, my = math.fsum(x) / n, math.fsum(y) / n
-    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
-    sxx = math.fsum((a - mx) ** 2 for a in x)
-    syy = math.fsum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return math.nan
-    return sxy / math.sqrt(sxx * syy)
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson's of the average ranks; nan with a nan input or n < 2."""
+    """Spearman's rank correlation, by torchmetrics (Pearson's of the ranks, tied values sharing the
+    mean of the ranks they span); nan where it is undefined: a nan input, a constant input, n < 2.
+
+    torchmetrics adds 1e-6 to the denominator and ranks in float32, so a value is within ~5e-6 of
+    the exact one (n >= 2): far below the gaps that rank the builds.
+    """
     if len(x) != len(y):
         raise ValueError(f"spearman needs sequences of one length, got {len(x)} and {len(y)}")
-    if any(math.isnan(float(v)) for v in (*x, *y)):
-        return math.nan
-    return pearson(average_ranks([float(v) for v in x]), average_ranks([float(v) for v in y]))
+    xs, ys = [float(v) for v in x], [float(v) for v in y]
+    if len(xs) < 2 or any(math.isnan(v) for v in (*xs, *ys)) or len(set(xs)) == 1 or len(set(ys)) == 1:
+        return math.nan  # torchmetrics would answer 0 (a constant) or garbage (nan) here
+    return float(spearman_corrcoef(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)))
 
 
 # ---------------------------------------------------------------------------------------------

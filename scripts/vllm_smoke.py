@@ -154,11 +154,16 @@ def compare_with_emulation(checkpoint: Path, prompt_ids: list[int], rows: list[d
 
 
 def _write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """Atomically, through pq_lightning/atomic.py loaded by path: it needs only the standard
+    library, so this works where the pq_lightning package is not installed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_pq_atomic", Path(__file__).resolve().parents[1] / "pq_lightning" / "atomic.py"
+    )
+    atomic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(atomic)
+    atomic.atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
