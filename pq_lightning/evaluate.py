@@ -447,7 +447,10 @@ def write_eval(
 
 
 def _trainer(trainer_kwargs: Mapping[str, Any] | None = None) -> L.Trainer:
+    from .callbacks import HeapTrim
+
     kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), HeapTrim()]
     return L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
                      enable_progress_bar=False)
 

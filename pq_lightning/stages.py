@@ -188,7 +188,7 @@ def probe(run: StageRunner, loaded: LoadedModel, cal: Calibration, body_: Body, 
 
 
 def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, smooth, trainer, sens_path, record):
-    from .callbacks import FirstBatchFlops, FisherProbe, SmoothingStatistics
+    from .callbacks import FirstBatchFlops, FisherProbe, HeapTrim, SmoothingStatistics
     from .causal_lm import CausalLM
     from .streaming import streamer_of
 
@@ -198,7 +198,7 @@ def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, s
                          output_error=output_error, output_error_tokens=cfg.output_error_tokens,
                          quantized_weights="float32" if fp32_cache else "compact")
     work = FirstBatchFlops()
-    callbacks = [fisher, work]
+    callbacks = [fisher, work, HeapTrim()]
     if smoothing:
         stats_cb = SmoothingStatistics(keep_tokens=smooth.search_tokens if smooth.search else 0)
         callbacks.append(stats_cb)
@@ -325,6 +325,7 @@ def refine(run: StageRunner, loaded: LoadedModel, plan_: Plan, cal: Calibration,
 def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
     from torch.utils.data import DataLoader
 
+    from .callbacks import HeapTrim
     from .data import WindowDataset
     from .gptq import GPTQConfig
     from .models import language_model_layers
@@ -340,7 +341,7 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
                           else int(cfg.activation_memory_gb * 2**30), spill_dir=str(run.work),
                           count_first_layer=FlopTally())
     loaders = [DataLoader(WindowDataset(w), batch_size=cal.data.batch_size) for w in (cal.fit, held)]
-    lt = _lightning_trainer(trainer, run)
+    lt = _lightning_trainer(trainer, run, callbacks=[HeapTrim()])
     lt.predict(refiner, dataloaders=loaders, return_predictions=False)
     tokens = math.ceil((cal.fit.shape[0] + held.shape[0]) / max(lt.world_size, 1)) * cal.fit.shape[1]
     n_layers = len(language_model_layers(loaded.model)[1])

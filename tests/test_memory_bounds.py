@@ -84,3 +84,28 @@ def test_refiner_output_and_resident_activations_do_not_grow_with_the_windows():
         peaks.append(out.totals["resident_activation_peak_bytes"])
     assert sizes[0] == sizes[1]
     assert max(peaks) <= budget
+
+
+def test_heap_trim_every_n_batches_and_at_loop_end(monkeypatch):
+    import pq_lightning.callbacks.heap_trim as heap_trim
+
+    calls: list[str] = []
+    monkeypatch.setattr(heap_trim, "trim_heap", lambda: calls.append("trim") or True)
+    cb = heap_trim.HeapTrim(every_n_batches=2)
+    for i in range(5):
+        calls.append(f"batch {i}")
+        cb.on_train_batch_end(None, None, None, None, i)
+    cb.on_train_end(None, None)
+    assert calls == ["batch 0", "batch 1", "trim", "batch 2", "batch 3", "trim", "batch 4", "trim"]
+    assert cb.trims == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="every_n_batches"):
+            heap_trim.HeapTrim(every_n_batches=bad)
+
+
+def test_trim_heap_runs_where_the_c_library_has_it():
+    import platform
+
+    from pq_lightning.heap import trim_heap
+
+    assert trim_heap() is (platform.libc_ver()[0] == "glibc")
