@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -44,23 +44,6 @@ def config_identity(model: torch.nn.Module) -> str:
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
-def state_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every state-dict entry in order; streamed layers read from their store in the model's dtype."""
-    from .streaming import streamer_of
-
-    streamer = streamer_of(model)
-    state = model.state_dict()
-    if streamer is None:
-        yield from state.items()
-        return
-    slots = streamer.slot_of_key
-    for name in streamer.state_keys():
-        if name in slots:
-            yield name, streamer.store.get(name).to(slots[name].dtype)
-        elif name in state:
-            yield name, state[name]
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's values as raw bytes in its own dtype (row-major), on the CPU."""
     flat = t.detach().reshape(-1)
@@ -74,10 +57,12 @@ def model_fingerprint(model: torch.nn.Module, *,
     """16 hex characters of sha256 over the class name, the config and every state-dict entry's name,
     shape, dtype and bytes (tied tensors hashed once, by reference). ``visit(name, tensor)`` sees each
     tensor on the way (one read of a streamed model serves both)."""
+    from .streaming import full_state_items
+
     h = hashlib.sha256(type(model).__name__.encode())
     h.update(config_identity(model).encode())
     seen: dict[tuple[int, int, tuple], str] = {}
-    for name, t in state_tensors(model):
+    for name, t in full_state_items(model, from_store=True):
         h.update(f"\0{name}|{tuple(t.shape)}|{t.dtype}".encode())
         if t.is_meta or t.numel() == 0:
             continue

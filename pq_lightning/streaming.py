@@ -462,9 +462,10 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor:
     return module.weight
 
 
-def full_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def full_state_items(model: nn.Module, *, from_store: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """``model.state_dict().items()`` of the whole model, streamed layers included (loaded one layer
-    at a time, in state-dict order, so each layer is read once)."""
+    at a time, in state-dict order, so each layer is read once). ``from_store``: a streamed tensor is
+    read from its store in the model's dtype without loading its layer (what a fingerprint needs)."""
     streamer = streamer_of(model)
     state = model.state_dict()
     if streamer is None:
@@ -473,7 +474,7 @@ def full_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     slots = streamer.slot_of_key
     for key in streamer.state_keys():
         if key in slots:
-            yield key, streamer.tensor(key)
+            yield key, (streamer.store.get(key).to(slots[key].dtype) if from_store else streamer.tensor(key))
         elif key in state:
             yield key, state[key]
 
