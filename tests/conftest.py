@@ -102,23 +102,17 @@ def build_tiny_llama(**overrides: Any) -> Any:
     return LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
 
 
-def build_tiny_gemma4(
-    text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None
-) -> Any:
-    """The ``tiny_gemma4`` fixture's model; the dicts override text / vision config fields."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-
-    text: dict[str, Any] = dict(
+def _tiny_sliding_text() -> dict[str, Any]:
+    """Text-decoder fields the tiny Gemma models share: hidden 32, intermediate 64, 2 layers (sliding
+    then full attention), 4 heads / 2 KV heads of head_dim 8, vocab ``TINY_VOCAB``."""
+    return dict(
         vocab_size=TINY_VOCAB,
-        vocab_size_per_layer_input=TINY_VOCAB,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        global_head_dim=8,
-        hidden_size_per_layer_input=0,
         max_position_embeddings=256,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
@@ -126,6 +120,20 @@ def build_tiny_gemma4(
         eos_token_id=2,
         pad_token_id=3,
     )
+
+
+def build_tiny_gemma4(
+    text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None
+) -> Any:
+    """The ``tiny_gemma4`` fixture's model; the dicts override text / vision config fields."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text: dict[str, Any] = {
+        **_tiny_sliding_text(),
+        "vocab_size_per_layer_input": TINY_VOCAB,
+        "global_head_dim": 8,
+        "hidden_size_per_layer_input": 0,
+    }
     text.update(text_overrides or {})
     vision: dict[str, Any] = dict(
         hidden_size=48,
@@ -151,23 +159,7 @@ def build_tiny_gemma3(**overrides: Any) -> Any:
     drawn from N(0, 0.5) (a fresh model has them all zero, which would hide the ``1 +``)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    kwargs: dict[str, Any] = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-        final_logit_softcapping=30.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
+    kwargs: dict[str, Any] = {**_tiny_sliding_text(), "final_logit_softcapping": 30.0, "tie_word_embeddings": True}
     kwargs.update(overrides)
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs)).float().eval()
