@@ -206,9 +206,12 @@ def test_bad_input_is_a_clear_error(saved_llama, tmp_path):
 
 
 @pytest.mark.distributed
-def test_probe_streamed_under_ddp_equals_one_process(saved_llama, tmp_path):
+def test_probe_streamed_under_ddp_equals_one_process(saved_llama, tmp_path, monkeypatch):
     """Two ddp_spawn processes, each streaming the layers from disk, give the one-process sums."""
     from pq_lightning.sensitivity import load_sensitivity
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks single-threaded like this process,
+    # whatever the caller exported: the test compares summation over ranks, not threaded reductions
 
     model, folder, cap_gb = saved_llama
     data = _probe_windows(5)
