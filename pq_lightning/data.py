@@ -381,6 +381,22 @@ class CalibrationData(lightning.LightningDataModule):
         self._windows = all_windows[: self.num_samples]
         self._holdout = all_windows[self.num_samples :]
 
+    def head(self, n: int) -> CalibrationData:
+        """The first ``n`` calibration windows as a data module of their own (no held-out windows).
+
+        The windows are drawn in random order, so the first ``n`` are a uniform random subset of them
+        (the same subset whatever ``num_samples`` is). ``n`` at or above ``num_samples`` returns ``self``.
+        """
+        if n < 1:
+            raise ValueError(f"head needs at least one window, got {n}.")
+        if n >= self.num_samples:
+            return self
+        sub = CalibrationData(self.tokenizer_name, self.gguf_file, self.source, self.seqlen, n, self.seed,
+                              self.batch_size, 0.0, self.num_workers)
+        sub._tokenizer = self._tokenizer
+        sub._windows, sub._holdout = self.windows[:n], self.windows[:0]
+        return sub
+
     def setup(self, stage: str | None = None) -> None:
         """Tokenise the source and draw the windows (once)."""
         if self._windows is None:

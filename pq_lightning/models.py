@@ -60,11 +60,10 @@ def default_model() -> tuple[str, str]:
     Raises:
         FileNotFoundError: the package (or the file inside it) is not installed.
     """
-    from .embedded import DEFAULT_EMBEDDED, resolve_embedded
+    from .embedded import DEFAULT_EMBEDDED, gguf_path
 
-    folder, gguf_file = resolve_embedded(DEFAULT_EMBEDDED)
-    assert gguf_file is not None  # the default model is read in place
-    return folder, gguf_file
+    path = gguf_path(DEFAULT_EMBEDDED)
+    return str(path.parent), path.name
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -82,20 +81,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
 def resolve_model_source(model: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn the user's ``model`` / ``gguf_file`` pair into ``(folder_or_hub_id, gguf_file)``.
 
-    * ``None``: the default SmolLM2 GGUF (:func:`default_model`).
+    * ``None``: the default model, SmolLM2-135M-Instruct (as its short name below).
     * a path to a ``.gguf`` file: its folder and file name.
     * a local folder without ``config.json`` but with exactly one ``.gguf`` file: that file.
     * the short name of an embedded model (``smollm2-135m``, ``gemma3-270m``; see
-      :mod:`pq_lightning.embedded`) that is not also a local path: its GGUF, or the Hugging Face
-      folder converted once from it.
+      :mod:`pq_lightning.embedded`) that is not also a local path: the Hugging Face folder converted
+      once from its GGUF (:func:`default_model` gives the GGUF itself).
     * anything else is returned unchanged (a Hugging Face folder or hub id).
     """
-    from .embedded import EMBEDDED, resolve_embedded
+    from .embedded import DEFAULT_EMBEDDED, EMBEDDED, resolve_embedded
 
     if model is None:
         if gguf_file is not None:
             raise ValueError("gguf_file was given without a model folder; pass model=<folder> too.")
-        return default_model()
+        return resolve_embedded(DEFAULT_EMBEDDED)
     path = Path(model).expanduser()
     if model in EMBEDDED and not path.exists():
         if gguf_file is not None:

@@ -405,7 +405,24 @@ class _GroupStats:
 def _input_quantizer(fmt: QuantFormat, igs: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     if not fmt.quantizes_activations:
         return lambda x: x
-    return lambda x: fmt.fake_quant_activation(x, igs)
+    return _SharedInputQuantizer(lambda x: fmt.fake_quant_activation(x, igs))
+
+
+class _SharedInputQuantizer:
+    """A group's activation fake-quant, computed once per input tensor: fused siblings (q/k/v,
+    gate/up) are called with the same tensor object one after the other, and each would otherwise
+    quantize it again (as costly as their matmul on a CPU). Keeps the last input and its result."""
+
+    def __init__(self, quantize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.quantize = quantize
+        self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.last is not None and self.last[0] is x and self.last[1] == x._version:
+            return self.last[2]
+        out = self.quantize(x)
+        self.last = (x, x._version, out)
+        return out
 
 
 def _served_input_hook(quantize: Callable[[torch.Tensor], torch.Tensor]):

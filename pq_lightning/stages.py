@@ -204,11 +204,14 @@ def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, s
         callbacks.append(stats_cb)
     lt = _lightning_trainer(trainer, run, callbacks=callbacks, max_epochs=1, num_sanity_val_steps=0,
                             limit_val_batches=0)
-    lt.fit(CausalLM.from_model(loaded.model, probe_only=True), datamodule=cal.data)
+    data = cal.data if cfg.num_samples is None else cal.data.head(cfg.num_samples)
+    lt.fit(CausalLM.from_model(loaded.model, probe_only=True), datamodule=data)
     for p in loaded.model.parameters():  # the probe-only module froze the weights: hand the model back as it came
         p.requires_grad_(False)
     loaded.model.eval()
-    record.notes["fe_per_token"] = round(work.per_token(cal.forward_flops_per_token), 3)
+    # per calibration token (every window), so the stages' counts add up to the pipeline's
+    record.notes["fe_per_token"] = round(work.per_token(cal.forward_flops_per_token)
+                                         * data.windows.shape[0] / cal.fit.shape[0], 3)
     return fisher.sensitivity, (stats_cb.stats if smoothing else None)
 
 
@@ -332,7 +335,8 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
     from .refiner_module import GPTQRefiner
 
     held = cal.heldout if cal.heldout.shape[0] else cal.fit[-cal.data.batch_size:]  # no held-out: score on the last fit batch
-    config = GPTQConfig(dampening=tuple(cfg.dampening), block_size=cfg.block_size, act_order=cfg.act_order,
+    config = GPTQConfig(dampening=tuple(cfg.dampening), own_scale_dampening=None if cfg.own_scale_dampening is None
+                        else tuple(cfg.own_scale_dampening), block_size=cfg.block_size, act_order=cfg.act_order,
                         sweep=cfg.sweep, refit=cfg.refit)
     refiner = GPTQRefiner(loaded.model, plan_.formats, config, groups=plan_.groups, gptq=cfg.gptq,
                           fp8_gptq=cfg.fp8_gptq, model_type=loaded.model_type,

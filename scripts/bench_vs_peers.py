@@ -196,6 +196,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="our budgets, comma separated bpp; 'mixed' is the mixed recipe's measured bpp")
     p.add_argument("--mixed-bpp", type=float, default=None,
                    help="bpp for 'mixed' when the mixed recipe is not run here (e.g. from an earlier peers.json)")
+    p.add_argument("--probe-windows", default=None,
+                   help="calibration windows our probe reads (an integer, or 'all'; default: the pipeline's)")
     p.add_argument("--skip-ours", action="store_true", help="run the peers only")
     p.add_argument("--reuse-peers", action="store_true",
                    help="reuse a peer checkpoint in --output made from the same reference, tokens and dtype")
@@ -512,6 +514,7 @@ def run_ours(
     """Our pipeline for every budget in one call, evaluation off; returns ``(report, wall seconds)``."""
     from pq_lightning.pipeline import CalibrationConfig, EvalConfig, TrainerConfig, quantize
 
+    probe = probe_config(args)
     if out_dir.exists() and ((out_dir / "work").exists() or (out_dir / "report.json").exists()):
         shutil.rmtree(out_dir)  # stage caches would make the wall time meaningless
     calibration = CalibrationConfig(
@@ -523,14 +526,25 @@ def run_ours(
     report = quantize(
         model=str(inputs.reference_dir), dtype=args.dtype, output_dir=str(out_dir), target_bits=budgets,
         calibration=calibration, evaluation=EvalConfig(enabled=False), trainer=TrainerConfig(accelerator=args.accelerator),
+        probe=probe,
     )
     wall = time.perf_counter() - t0
-    check_same_windows(out_dir, inputs)
+    check_same_windows(out_dir, inputs, probe.num_samples)
     return report, wall
 
 
-def check_same_windows(out_dir: Path, inputs: Inputs) -> None:
-    """Assert that our probe read the fit windows the peers were given (its sensitivity file's fingerprint)."""
+def probe_config(args: argparse.Namespace):
+    """Our probe's settings: the pipeline's defaults, with ``--probe-windows`` when given."""
+    from pq_lightning.config import ProbeConfig
+
+    if args.probe_windows is None:
+        return ProbeConfig()
+    return ProbeConfig(num_samples=None if args.probe_windows == "all" else int(args.probe_windows))
+
+
+def check_same_windows(out_dir: Path, inputs: Inputs, probe_windows: int | None = None) -> None:
+    """Assert that our probe read the fit windows the peers were given (its sensitivity file's fingerprint):
+    all of them, or the first ``probe_windows`` (the probe's subsample; GPTQ reads them all)."""
     from pq_lightning.data import windows_fingerprint
     from pq_lightning.sensitivity import load_sensitivity
 
@@ -538,7 +552,7 @@ def check_same_windows(out_dir: Path, inputs: Inputs) -> None:
     if not files:
         raise FileNotFoundError(f"no sensitivity file under {out_dir / 'work'}: cannot check the calibration windows")
     seen = load_sensitivity(files[0]).meta.get("data_fingerprint")
-    want = windows_fingerprint(inputs.fit_windows)
+    want = windows_fingerprint(inputs.fit_windows[:probe_windows])
     if seen != want:
         raise AssertionError(
             f"our pipeline calibrated on windows {seen}, the peers on windows built as {want}: the comparison "
@@ -626,12 +640,13 @@ def default_config_settings(path: Path = DEFAULT_CONFIG) -> dict[str, Any]:
     """The method settings of the default config: formats, estimator, GPTQ / sweep and smoothing."""
     import yaml
 
+    from pq_lightning.config import ProbeConfig
     from pq_lightning.pipeline import RefineConfig
     from pq_lightning.smooth import SmoothConfig
 
     cfg = yaml.safe_load(path.read_text())
     return {"formats": cfg["formats"], "estimator": cfg["estimator"], "refine": RefineConfig(**cfg["refine"]),
-            "smooth": SmoothConfig(**cfg.get("smooth", {}))}
+            "smooth": SmoothConfig(**cfg.get("smooth", {})), "probe": ProbeConfig(**cfg.get("probe", {}))}
 
 
 def speed_check(peers: list[Row], ours_wall: float | None, default_wall: float | None, n_budgets: int) -> dict:

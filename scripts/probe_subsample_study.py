@@ -1,9 +1,11 @@
-"""Does a token subsample of the probe's output-space error keep the allocator's decisions?
+"""Does a subsample of the probe's tokens keep the allocator's decisions?
 
-The ``output`` estimator costs one extra matmul per Linear and format on every token; measured on ``k``
-of every window's positions (``ProbeConfig.output_error_tokens``) it is an unbiased estimate at ``k/T``
-of that cost. This script runs the pipeline's probe stage on the same windows exactly and with each
-subsample, then per subsample prints:
+Two subsamples, each unbiased: ``--tokens``, the positions of every window on which the output-space
+error is measured (``ProbeConfig.output_error_tokens``; the ``output`` estimator costs one extra matmul
+per Linear and format on every token it covers), and ``--windows``, how many of the calibration windows
+the probe reads at all (``ProbeConfig.num_samples``; the windows are drawn in random order, so the first
+``k`` are a uniform subset). This script runs the pipeline's probe stage on every window with the exact
+output error (the reference), then with each subsample, and per subsample prints:
 
 * Spearman of the per-Linear output error against the exact one (per format);
 * per budget, the Linears whose format differs from the exact plan's, and the regret: the exact
@@ -12,7 +14,7 @@ subsample, then per subsample prints:
 
 Example::
 
-    python scripts/probe_subsample_study.py --num-samples 64 --seqlen 512 --tokens 0.125 0.25 --threads 2
+    python scripts/probe_subsample_study.py --num-samples 64 --seqlen 512 --tokens 0.25 --windows 8 16 32
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tokens", type=float, nargs="+", default=[0.125, 0.25], help="subsample fractions (or counts)")
+    p.add_argument("--tokens", type=float, nargs="*", default=[0.125, 0.25],
+                   help="output-error positions per window, fractions (or counts), every window read")
+    p.add_argument("--windows", type=int, nargs="*", default=[],
+                   help="windows the probe reads (output error on --window-tokens of their positions)")
+    p.add_argument("--window-tokens", type=float, default=0.25, help="output-error positions with --windows")
     p.add_argument("--budgets", type=float, nargs="+", default=[4.5, 5.0, 5.5, 6.0, 7.0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="out/probe-subsample")
@@ -65,23 +71,28 @@ def main(argv=None) -> int:
                                                             num_samples=args.num_samples, batch_size=args.batch_size,
                                                             holdout_fraction=0.0))
     body = stages.body(run, loaded, include=None, exclude=None)
+    def positions(t: float | None) -> int | float | None:
+        return None if t is None else (int(t) if t >= 1 else t)
+
+    variants = {"exact": ProbeConfig(None, num_samples=None)}
+    variants |= {f"tokens={t:g}": ProbeConfig(positions(t), num_samples=None) for t in args.tokens}
+    variants |= {f"windows={w}": ProbeConfig(positions(args.window_tokens), num_samples=w) for w in args.windows}
     results = {}
-    for tokens in [None, *args.tokens]:
-        tok = None if tokens is None else (int(tokens) if tokens >= 1 else tokens)
+    for label, cfg in variants.items():
         run.records.pop("probe", None)
-        probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=True, cfg=ProbeConfig(tok),
+        probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=True, cfg=cfg,
                               smooth=SmoothConfig(enabled=False), trainer=TrainerConfig(accelerator="cpu"))
         costs = stages.cost(run, body, probed, formats=formats, estimator="output")
         plans = stages.plan(run, loaded, costs, targets=[(b, None) for b in args.budgets], formats=formats,
                             estimator="output", pins=None, bans=None, sweep_bits=[])
         rec = run.records["probe"]
-        results[tokens] = {"costs": costs, "plans": plans.budgets, "wall_s": rec.wall_s, "cpu_s": rec.cpu_s,
+        results[label] = {"costs": costs, "plans": plans.budgets, "wall_s": rec.wall_s, "cpu_s": rec.cpu_s,
                            "cached": rec.cached, "fe_per_token": rec.notes.get("fe_per_token")}
-    exact = results[None]
+    exact = results["exact"]
     table = []
-    for tokens in args.tokens:
-        r = results[tokens]
-        row = {"tokens": tokens, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "fe_per_token": r["fe_per_token"],
+    for label in list(variants)[1:]:
+        r = results[label]
+        row = {"subsample": label, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "fe_per_token": r["fe_per_token"],
                "exact_wall_s": exact["wall_s"], "exact_fe_per_token": exact["fe_per_token"]}
         for f in formats:
             names = [n for n in exact["costs"] if f in exact["costs"][n].dloss]

@@ -227,6 +227,19 @@ def test_calibration_holdout_is_disjoint_and_leaves_calibration_unchanged(tiny_t
     assert tiny_fraction.num_holdout == 1
 
 
+def test_calibration_head_is_the_draw_of_fewer_windows(tiny_tokenizer):
+    """The probe's window subsample: the first n windows, the same a draw of n windows gives."""
+    data = CalibrationData.from_tokenizer(tiny_tokenizer, seqlen=16, num_samples=10, seed=3, holdout_fraction=0.2)
+    head = data.head(4)
+    fewer = CalibrationData.from_tokenizer(tiny_tokenizer, seqlen=16, num_samples=4, seed=3)
+    assert torch.equal(head.windows, fewer.windows) and torch.equal(head.windows, data.windows[:4])
+    assert head.fingerprint() == fewer.fingerprint() and head.holdout_windows.shape == (0, 16)
+    assert torch.equal(torch.cat([b["input_ids"] for b in head.train_dataloader()]), data.windows[:4])
+    assert data.head(10) is data and data.head(50) is data
+    with pytest.raises(ValueError, match="at least one window"):
+        data.head(0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

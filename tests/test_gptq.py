@@ -181,11 +181,27 @@ def test_gptq_beats_rtn_on_correlated_inputs_and_refine_keeps_it(correlated):
     assert res.method != "rtn"
     assert res.candidates[res.key].heldout < 0.9 * res.candidates["rtn"].heldout
     assert res.candidates[res.key].heldout == min(c.heldout for c in res.candidates.values())
-    assert {"rtn", "gptq@0.01", "gptq@0.03", "gptq@0.1", "sweep"} < set(res.candidates)
-    swept = {k for k in res.candidates if k.startswith("sweep+gptq@")}
-    assert swept == {"sweep+gptq@0.01", "sweep+gptq@0.03", "sweep+gptq@0.1"} and not res.failed
+    assert set(res.candidates) == {"rtn", "sweep", "gptq@0.03", "sweep+gptq@0.03", "sweep+gptq@0.1"}
+    assert not res.failed
     assert torch.equal(res.w_hat, res.quantized.dequantize())
     assert res.heldout_gain > 0.1
+
+
+def test_default_candidates_are_a_subset_of_the_full_grid_scored_the_same(correlated):
+    """The default five candidates are the full grid's (three dampings under both scales) with the
+    same errors to the bit: solving fewer of them together changes none of them."""
+    W, H_fit, H_held, gs = correlated
+    full_grid = GPTQConfig(dampening=(0.01, 0.03, 0.1), own_scale_dampening=(0.01, 0.03, 0.1))
+    full = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=full_grid)
+    assert set(full.candidates) == {"rtn", "sweep"} | {f"{m}@{d:g}" for m in ("gptq", "sweep+gptq") for d in (0.01, 0.03, 0.1)}
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs)
+    assert all(res.candidates[k] == full.candidates[k] for k in res.candidates)
+    # without the sweep the dampings are GPTQ's own-scale candidates
+    no_sweep = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(sweep=False))
+    assert set(no_sweep.candidates) == {"rtn", "gptq@0.03", "gptq@0.1"}
+    assert no_sweep.candidates["gptq@0.1"] == full.candidates["gptq@0.1"]
+    with pytest.raises(ValueError, match="own_scale_dampening"):
+        GPTQConfig(own_scale_dampening=(-0.1,))
 
 
 def test_gate_reverts_to_rtn_when_gptq_overfits():
@@ -194,7 +210,7 @@ def test_gate_reverts_to_rtn_when_gptq_overfits():
     gs = NVFP4.global_scale(W)
     H_fit = _hessian(_tokens(8, _mixing(1), seed=20))  # rank 8 << in_features
     H_held = _hessian(torch.randn(2048, IN))  # a different (isotropic) distribution
-    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs)
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(own_scale_dampening=(0.01, 0.03, 0.1)))
     rtn = NVFP4.quantize(W, global_scale=gs)
     for d in (0.01, 0.03, 0.1):  # GPTQ fits the 8 directions and is worse on held-out data
         assert res.candidates[f"gptq@{d:g}"].fit < res.candidates["rtn"].fit

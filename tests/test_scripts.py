@@ -440,8 +440,10 @@ def test_bench_vs_peers_times_the_default_configs_settings(peers_bench):
     got = peers_bench.default_config_settings()
     cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m.yaml").read_text())
     assert got["formats"] == cfg["formats"] == ["nvfp4", "fp8"] and got["estimator"] == cfg["estimator"] == "output"
-    assert got["refine"] == RefineConfig(**cfg["refine"]) and got["refine"].dampening == [0.01, 0.1]
+    assert got["refine"] == RefineConfig(**cfg["refine"]) == RefineConfig()  # the demo refines as the default does
     assert got["smooth"] == SmoothConfig(**cfg["smooth"]) and got["smooth"].enabled and got["smooth"].search
+    assert got["probe"].output_error_tokens == cfg["probe"]["output_error_tokens"] == 0.25
+    assert got["probe"].num_samples == 16  # the default: the demo's 16 windows are all probed
 
 
 # ---- bench_scaling.py --------------------------------------------------------------------------

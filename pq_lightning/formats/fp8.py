@@ -52,9 +52,11 @@ def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token FP8 (one scale ``amax(x_t) / 448`` per row of the last dimension), in fp32."""
-    check_finite(x, "FP8 activation")
     xf = x.float()
-    s = absmax_scale(xf.abs().amax(dim=-1, keepdim=True))
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(amax).all()):  # amax propagates NaN and Inf: a row's worth to check, not x
+        check_finite(x, "FP8 activation")
+    s = absmax_scale(amax)
     return (fp8_round(xf / s).float() * s).to(x.dtype)
 
 
