@@ -47,7 +47,7 @@ class ProbeConfig:
     The Fisher statistics are heavy-tailed (a few rare tokens carry much of some early Linears' trace), so
     any subsample moves some decisions: on SmolLM2-135M at 64 x 512 (``scripts/probe_subsample_study.py``)
     the plans of a 16-window probe differ from an exact 64-window probe's in 15-21 of 210 Linears at
-    5-6 bpp, those of the former default (64 windows, a quarter of the positions) in 15-18; the README
+    5.5-6 bpp, those of the former default (64 windows, a quarter of the positions) in 15-18; the README
     has the KL of both.
     """
 
