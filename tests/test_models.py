@@ -286,7 +286,10 @@ def test_smollm2_gguf_loads_with_210_body_linears(tmp_path):
     sd, csd = model.state_dict(), converted.state_dict()
     assert set(sd) == set(csd) and all(torch.equal(sd[k], csd[k]) for k in sd)
     text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : 2011 , 1 @,@ 000 km²"
-    assert ctok(text).input_ids == tok(text).input_ids and ctok.bos_token_id == tok.bos_token_id
+    # the pipeline places BOS itself; whether tok(text) adds one by default differs between transformers
+    # versions for a GGUF's tokenizer (the lower bounds' adds it, the current one does not, as the folder)
+    assert ctok(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    assert ctok.bos_token_id == tok.bos_token_id == 1
     assert ctok.chat_template == tok.chat_template
     assert model.config.model_type == "llama"
     assert model.config.hidden_size == 576
