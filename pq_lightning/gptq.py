@@ -861,14 +861,13 @@ def refine_nvfp4(
     cands = _Candidates(Wf, H_fit, H_heldout)
     cands.add("rtn", None, rtn, rtn.dequantize())
 
+    sw = scale_sweep_nvfp4(Wf, H_fit, global_scale=gs, grid=config.sweep_grid) if config.sweep else None
+    swept_gptq = sw is not None and config.sweep_then_gptq
     own = config.dampening
-    sw = None
-    if config.sweep:
-        sw = scale_sweep_nvfp4(Wf, H_fit, global_scale=gs, grid=config.sweep_grid)
-        if config.sweep_then_gptq:
-            own = config.own_scale_dampening if config.own_scale_dampening is not None else (min(config.dampening),)
+    if swept_gptq:
+        own = config.own_scale_dampening if config.own_scale_dampening is not None else (min(config.dampening),)
     members: list[tuple[float, torch.Tensor | None]] = [(d, None) for d in own]
-    if sw is not None and config.sweep_then_gptq:
+    if swept_gptq:
         members += [(d, sw.scale) for d in config.dampening]
     solved = gptq_nvfp4_candidates(
         Wf, H_fit, global_scale=gs, candidates=members, block_size=config.block_size,

@@ -335,8 +335,8 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
     from .refiner_module import GPTQRefiner
 
     held = cal.heldout if cal.heldout.shape[0] else cal.fit[-cal.data.batch_size:]  # no held-out: score on the last fit batch
-    config = GPTQConfig(dampening=tuple(cfg.dampening), own_scale_dampening=None if cfg.own_scale_dampening is None
-                        else tuple(cfg.own_scale_dampening), block_size=cfg.block_size, act_order=cfg.act_order,
+    config = GPTQConfig(dampening=cfg.dampening, own_scale_dampening=cfg.own_scale_dampening,  # tuples made there
+                        block_size=cfg.block_size, act_order=cfg.act_order,
                         sweep=cfg.sweep, refit=cfg.refit)
     refiner = GPTQRefiner(loaded.model, plan_.formats, config, groups=plan_.groups, gptq=cfg.gptq,
                           fp8_gptq=cfg.fp8_gptq, model_type=loaded.model_type,
