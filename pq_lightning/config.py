@@ -83,12 +83,16 @@ class RefineConfig:
     ``dampening``: GPTQ dampings (under the swept scales when ``sweep`` is on);
     ``own_scale_dampening``: with the sweep, the dampings also tried under GPTQ's own group scales
     (``null``: the smallest of ``dampening``); see :class:`pq_lightning.gptq.GPTQConfig`.
+    ``rtn_errors``: also measure the held-out output error of the Linears packed by RTN by rule
+    (FP8 unless ``fp8_gptq``), for the report; costs their Hessians and layer passes, which no
+    decision needs (off: their groups are only packed and put in their served state).
     ``activation_memory_gb``: the most stored hidden states and kept inputs the layer walk holds in
     memory; beyond it they go to a scratch file under the output's ``work/`` (``None``: no limit).
     """
 
     gptq: bool = True
     fp8_gptq: bool = False
+    rtn_errors: bool = False
     dampening: list[float] = field(default_factory=lambda: [0.03, 0.1])
     own_scale_dampening: list[float] | None = None
     block_size: int = 128

@@ -46,8 +46,8 @@ class GPTQRefiner(lightning.LightningModule):
         model: the Hugging Face causal LM (left unchanged; the result is in :attr:`output`).
         plan: Linear name -> format name (e.g. ``Plan.formats``).
         config: what GPTQ tries (default :class:`GPTQConfig`).
-        groups / gptq / fp8_gptq / model_type / progress / max_resident_activation_bytes / spill_dir /
-            count_first_layer: passed to :func:`refine_model`.
+        groups / gptq / fp8_gptq / rtn_errors / model_type / progress / max_resident_activation_bytes /
+            spill_dir / count_flops_into: passed to :func:`refine_model`.
         heldout_every: with a single dataloader, every n-th batch is held out (must be >= 2).
     """
 
@@ -60,12 +60,13 @@ class GPTQRefiner(lightning.LightningModule):
         groups: Sequence[Sequence[str]] | None = None,
         gptq: bool = True,
         fp8_gptq: bool = False,
+        rtn_errors: bool = False,
         model_type: str | None = None,
         heldout_every: int = 4,
         progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
         max_resident_activation_bytes: int | None = None,
         spill_dir: str | None = None,
-        count_first_layer: FlopTally | None = None,
+        count_flops_into: FlopTally | None = None,
     ) -> None:
         super().__init__()
         if heldout_every < 2:
@@ -74,11 +75,11 @@ class GPTQRefiner(lightning.LightningModule):
         self.plan = dict(plan)
         self.config = config or GPTQConfig()
         self.groups = None if groups is None else [list(g) for g in groups]
-        self.gptq, self.fp8_gptq, self.model_type = gptq, fp8_gptq, model_type
+        self.gptq, self.fp8_gptq, self.rtn_errors, self.model_type = gptq, fp8_gptq, rtn_errors, model_type
         self.heldout_every = heldout_every
         self.progress = progress
         self.memory = {"max_resident_activation_bytes": max_resident_activation_bytes, "spill_dir": spill_dir}
-        self.count_first_layer = count_first_layer
+        self.count_flops_into = count_flops_into
         self.output: RefineOutput | None = None
         self._batches: list[tuple[int, int, torch.Tensor]] = []
 
@@ -126,7 +127,7 @@ class GPTQRefiner(lightning.LightningModule):
             fit, held = [t.clone() for t in fit], [t.clone() for t in held]
             self.output = refine_model(
                 self.model, self.plan, fit, held, config=self.config, gptq=self.gptq,
-                fp8_gptq=self.fp8_gptq, model_type=self.model_type, groups=self.groups, progress=self.progress,
-                count_first_layer=self.count_first_layer, **self.memory,
+                fp8_gptq=self.fp8_gptq, rtn_errors=self.rtn_errors, model_type=self.model_type, groups=self.groups,
+                progress=self.progress, count_flops_into=self.count_flops_into, **self.memory,
             )
         self._batches = []

@@ -339,18 +339,18 @@ def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
                         block_size=cfg.block_size, act_order=cfg.act_order,
                         sweep=cfg.sweep, refit=cfg.refit)
     refiner = GPTQRefiner(loaded.model, plan_.formats, config, groups=plan_.groups, gptq=cfg.gptq,
-                          fp8_gptq=cfg.fp8_gptq, model_type=loaded.model_type,
+                          fp8_gptq=cfg.fp8_gptq, rtn_errors=cfg.rtn_errors, model_type=loaded.model_type,
                           progress=lambda it: run.track(it, "refine layers"),
                           max_resident_activation_bytes=None if cfg.activation_memory_gb is None
                           else int(cfg.activation_memory_gb * 2**30), spill_dir=str(run.work),
-                          count_first_layer=FlopTally())
+                          count_flops_into=FlopTally())
     loaders = [DataLoader(WindowDataset(w), batch_size=cal.data.batch_size) for w in (cal.fit, held)]
     lt = _lightning_trainer(trainer, run, callbacks=[HeapTrim()])
     lt.predict(refiner, dataloaders=loaders, return_predictions=False)
     tokens = math.ceil((cal.fit.shape[0] + held.shape[0]) / max(lt.world_size, 1)) * cal.fit.shape[1]
     n_layers = len(language_model_layers(loaded.model)[1])
-    tally = refiner.count_first_layer
-    record.notes["fe_per_token"] = round(tally.per_token(tokens, cal.forward_flops_per_token) * n_layers, 3)
+    tally, counted = refiner.count_flops_into, refiner.output.totals["flops_counted_layers"]
+    record.notes["fe_per_token"] = round(tally.per_token(tokens, cal.forward_flops_per_token) * n_layers / counted, 3)
     return refiner.output
 
 

@@ -9,6 +9,8 @@ import socket
 import pytest
 import torch
 
+from pq_lightning import refine as refine_module
+from pq_lightning.flops import FlopTally
 from pq_lightning.formats import get_format
 from pq_lightning.formats.nvfp4 import global_scale_from_amax
 from pq_lightning.gptq import GPTQConfig, gptq_fp8, gptq_nvfp4, output_error, scale_sweep_nvfp4
@@ -222,11 +224,47 @@ def test_rtn_mode_packs_like_the_format(refined):
         for k in ref:
             assert torch.equal(packed[k].view(torch.uint8), ref[k].view(torch.uint8)), (name, k)
         assert out.decisions[name].method == "rtn"
-        assert out.decisions[name].heldout_chosen == out.decisions[name].heldout_rtn
+        assert out.decisions[name].errors == {} and out.decisions[name].heldout_rtn is None  # nothing measured
+    # the amax the export needs (W4A4 NVFP4) is calibrated, the FP8 input (dynamic scales) is not observed
+    assert set(out.input_amax) == {n for n, f in plan.items() if f == "nvfp4"}
     # nothing upstream of layer 0's q/k/v is quantized: same amax in both modes
     assert out.input_amax[QKV0[0]] == gptq_out.input_amax[QKV0[0]]
     # RTN upstream changes what later Linears see
-    assert out.input_amax["model.layers.1.mlp.down_proj"] != gptq_out.input_amax["model.layers.1.mlp.down_proj"]
+    assert out.input_amax["model.layers.1.mlp.gate_proj"] != gptq_out.input_amax["model.layers.1.mlp.gate_proj"]
+    # rtn_errors measures them all, for the same bits
+    measured = refine_model(model, plan, fit, held, gptq=False, rtn_errors=True)
+    assert set(measured.input_amax) == set(out.packed)
+    for name, packed in out.packed.items():
+        assert all(torch.equal(v.view(torch.uint8), measured.packed[name][k].view(torch.uint8)) for k, v in packed.items())
+        d = measured.decisions[name]
+        assert d.heldout_rtn is not None and d.heldout_chosen == d.heldout_rtn == d.errors["rtn"]["heldout"]
+
+
+def test_rtn_by_rule_groups_are_not_measured(refined, monkeypatch):
+    """Without keep_hessians, the FP8 down_proj (RTN by rule) gets no Hessian and no pass of its own:
+    the same bits as the measured walk, no errors, and fewer counted FLOPs."""
+    model, plan, measured, _ = refined
+    fit, held = _windows()
+    monkeypatch.setattr(refine_module, "FLOP_SAMPLE_STRIDE", 1)  # count both layers
+    lean_flops, full_flops = FlopTally(), FlopTally()
+    lean = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=lean_flops)
+    refine_model(model, plan, fit, held, config=CONFIG, rtn_errors=True, count_flops_into=full_flops)
+    fp8 = "model.layers.1.mlp.down_proj"
+    assert lean.decisions[fp8].errors == {} and lean.decisions[fp8].heldout_rtn is None
+    assert fp8 not in lean.input_amax
+    for name, packed in measured.packed.items():
+        assert all(torch.equal(v.view(torch.uint8), lean.packed[name][k].view(torch.uint8)) for k, v in packed.items())
+        if name != fp8:
+            assert lean.decisions[name].errors == measured.decisions[name].errors
+    by_fmt = lean.totals["by_format"]
+    assert by_fmt["fp8"]["n_linears"] == 1 and by_fmt["fp8"]["n_measured"] == 0 and by_fmt["fp8"]["heldout_rtn"] == 0.0
+    assert lean.totals["heldout_chosen"] == pytest.approx(
+        sum(d.heldout_chosen for n, d in measured.decisions.items() if n != fp8 and n in measured.packed), rel=1e-12)
+    # the down_proj Hessians of the fit and held-out tokens: 2 * in^2 per token, upper blocks only
+    # (the tiny model's 128-wide input is one panel: the whole Hessian is summed), and its pass
+    n_tokens = (N_FIT + N_HELD) * SEQ
+    down_in = dict(model.named_modules())[fp8].in_features
+    assert full_flops.flops - lean_flops.flops >= 2 * n_tokens * down_in * down_in
 
 
 # ---- Gemma-4: per-layer masks and rotary tables (sliding, then full attention) ----------------------
@@ -290,7 +328,7 @@ def test_lightning_predict_equals_direct_call(refined):
     model, plan, out, _ = refined
     fit, held = _windows()
     loaders = [torch.utils.data.DataLoader(_Windows(b), batch_size=BATCH) for b in (fit, held)]
-    refiner = GPTQRefiner(model, plan, CONFIG)
+    refiner = GPTQRefiner(model, plan, CONFIG, rtn_errors=True)  # the fixture kept Hessians: every group measured
     _trainer().predict(refiner, dataloaders=loaders, return_predictions=False)
     got = refiner.output
     assert got.input_amax == out.input_amax
@@ -410,3 +448,42 @@ def test_kept_inputs_give_the_same_hessians_and_decisions_as_a_second_pass(refin
     for name, tensors in out.packed.items():
         for key, t in tensors.items():
             assert torch.equal(again.packed[name][key].view(torch.uint8), t.view(torch.uint8)), (name, key)
+
+
+@pytest.mark.parametrize("n", [64, 192, 400])
+def test_hessian_upper_panels_equal_the_full_gram(n):
+    """The refiner sums only the panel blocks on and above the diagonal, then mirrors them: the
+    result equals xᵀx summed batch by batch (fp64 reference), and is exactly symmetric."""
+    from pq_lightning.refine import _add_gram_upper_, _mirror_upper_
+
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(37, n, generator=g) * torch.linspace(0.1, 3, n) for _ in range(3)]
+    H = torch.zeros(n, n)
+    for x in xs:
+        _add_gram_upper_(H, x)
+    _mirror_upper_(H)
+    ref = sum(x.double().T @ x.double() for x in xs)
+    assert torch.equal(H, H.T)
+    assert (H.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_complete_blocks_are_replayed_bit_for_bit(refined, monkeypatch):
+    """Once o_proj is decided, later passes of the layer replay the attention block's recorded
+    outputs instead of computing them: the same bits, errors and amax as computing them every time,
+    for fewer FLOPs (three passes of layer 0 skip q/k/v, attention and o_proj)."""
+    model, plan, _, _ = refined
+    fit, held = _windows()
+    monkeypatch.setattr(refine_module, "FLOP_SAMPLE_STRIDE", 1)
+    replayed_flops, computed_flops = FlopTally(), FlopTally()
+    replayed = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=replayed_flops)
+    monkeypatch.setattr(refine_module._LayerStep, "_complete_blocks", lambda self: [])
+    computed = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=computed_flops)
+    assert replayed.input_amax == computed.input_amax
+    for name, packed in computed.packed.items():
+        assert all(torch.equal(v.view(torch.uint8), replayed.packed[name][k].view(torch.uint8)) for k, v in packed.items())
+        assert replayed.decisions[name].errors == computed.decisions[name].errors
+    attn = dict(model.named_modules())["model.layers.0.self_attn"]
+    hidden = attn.q_proj.in_features
+    n_tokens = (N_FIT + N_HELD) * SEQ
+    # at least q_proj and o_proj (hidden x hidden each) skipped in layer 0's gate/up, down and output passes
+    assert computed_flops.flops - replayed_flops.flops >= 3 * 2 * 2 * n_tokens * hidden * hidden
