@@ -50,16 +50,19 @@ How the walk goes
        stored inputs (skipped for the last layer). Layer ℓ's weights are then restored and its hooks
        removed: its effect lives on only in the stored hidden states.
 
-    Layer forwards per layer: one discovery run (one window) + per group one pass cut short before the
-    group (two when its inputs are too large to keep) + one full output pass; on a Llama layer the
-    group passes together cost about 1.2 layer forwards (the prefixes before q/k/v, o, gate/up and
-    down), the output pass one. Everything runs under ``torch.no_grad`` with the model in
+    Layer forwards per layer: one discovery run (one window) + per measured group one pass cut short
+    before the group (two when its inputs are too large to keep) + one full output pass. A block of
+    the layer whose quantized Linears are all decided (``self_attn`` once ``o_proj`` is) gives the
+    same output in every later pass: the first later pass records it and the others replay it
+    (:class:`_BlockReplays`), so on a Llama layer the attention block runs about twice instead of
+    four times. Everything runs under ``torch.no_grad`` with the model in
     eval mode; the caller's model comes back bit-identical (same Parameter objects and storages; a
     ``try/finally`` restores weights, hooks and the train/eval flag even when something fails).
 
 Memory
     Stored hidden states: ``n_windows × seqlen × hidden`` in the model's dtype, twice during a layer
-    (its inputs and the next layer's inputs), on the model's device, plus each window's captured
+    (its inputs and the next layer's inputs), on the model's device, plus the replayed block's
+    outputs (one more such copy, under the same ``max_resident_activation_bytes``), plus each window's captured
     layer arguments (rotary tables, masks: shared across layers of one attention type). Per group one
     or two ``[in, in]`` fp32 Hessians (fit and held-out), plus one layer's served weights at a time,
     plus the group's kept inputs (at most ``max_kept_input_bytes``) while its Hessians are built.
