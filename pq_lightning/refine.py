@@ -109,7 +109,7 @@ from .architectures import fused_groups, model_type_of
 from .flops import FlopTally, count_flops, not_counted
 from .formats import get_format
 from .formats.base import QuantFormat
-from .gptq import GPTQConfig, output_error
+from .gptq import _PANEL, GPTQConfig, output_error
 from .models import language_model_layers
 from .streaming import streamer_of
 
@@ -414,17 +414,13 @@ class _GroupStats:
         self.n[split] += xq.shape[0]
 
 
-#: Column panel of the Hessian sums: only the blocks on and above the diagonal are summed.
-_GRAM_PANEL = 192
-
-
 def _add_gram_upper_(H: torch.Tensor, x: torch.Tensor) -> None:
     """``H += xᵀx`` on the column panels' blocks on and above the diagonal only (the rest is left
     as is: :func:`_mirror_upper_` completes ``H`` once the sums are done). About half the products
     of the full ``xᵀx``: 1.6-1.9x faster on a CPU for 576-2048 inputs."""
     n = x.shape[1]
-    for j0 in range(0, n, _GRAM_PANEL):
-        j1 = min(j0 + _GRAM_PANEL, n)
+    for j0 in range(0, n, _PANEL):
+        j1 = min(j0 + _PANEL, n)
         H[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
 
 
@@ -432,8 +428,8 @@ def _mirror_upper_(H: torch.Tensor) -> torch.Tensor:
     """Completes a Hessian summed by :func:`_add_gram_upper_`: the blocks below the diagonal blocks
     become the transpose of those above (the diagonal blocks were summed whole)."""
     n = H.shape[0]
-    for j0 in range(_GRAM_PANEL, n, _GRAM_PANEL):
-        H[j0 : j0 + _GRAM_PANEL, :j0] = H[:j0, j0 : j0 + _GRAM_PANEL].T
+    for j0 in range(_PANEL, n, _PANEL):
+        H[j0 : j0 + _PANEL, :j0] = H[:j0, j0 : j0 + _PANEL].T
     return H
 
 
@@ -531,10 +527,10 @@ class _LayerStep:
         self.split = {"split": "fit"}
         quant = [n for n in self.linears if n in formats and formats[n].quantizes_weights]
         # the layer's blocks (self_attn, mlp...) that hold quantized Linears, and which ones
-        self.blocks = {name: child for name, child in layer.named_children()
-                       if any(f"{prefix}{name}.{n}" in quant for n, m in child.named_modules() if isinstance(m, nn.Linear))}
-        self.block_linears = {name: {f"{prefix}{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)}
-                              & set(quant) for name, child in self.blocks.items()}
+        self.block_linears = {name: {f"{prefix}{name}.{n}" for n, _ in child.named_modules()} & set(quant)
+                              for name, child in layer.named_children()}
+        self.block_linears = {name: held for name, held in self.block_linears.items() if held}
+        self.blocks = {name: layer.get_submodule(name) for name in self.block_linears}
         self.decided: set[str] = set()
         self.replays = _BlockReplays(budget=hidden.budget, spill_dir=hidden.spill_dir)
         self.order, n_calls = self._discover(quant)
@@ -646,10 +642,10 @@ class _BlockReplays:
     def around(self, complete: Sequence[str], blocks: Mapping[str, nn.Module], n_windows: int):
         recording = {k: ActivationStore(self.budget, self.spill_dir) for k in complete
                      if k not in self.stores and k not in self.unrecordable}
-        shapes: dict[str, int] = {}
+        lengths: dict[str, int] = {}
         handles, replayed = [], []
         for k, store in recording.items():
-            handles.append(blocks[k].register_forward_hook(self._recorder(k, store, shapes)))
+            handles.append(blocks[k].register_forward_hook(self._recorder(k, store, lengths)))
         for k in complete:
             if k in self.stores:
                 blocks[k].forward = self._replayer(*self.stores[k])
@@ -663,19 +659,19 @@ class _BlockReplays:
                 del blocks[k].forward
         for k, store in recording.items():
             if len(store) == n_windows and k not in self.unrecordable:
-                self.stores[k] = (store, shapes[k])
+                self.stores[k] = (store, lengths[k])
             else:  # the pass stopped before the block on some window, or it returned something else
                 store.close()
 
-    def _recorder(self, key: str, store: ActivationStore, shapes: dict[str, int]):
+    def _recorder(self, key: str, store: ActivationStore, lengths: dict[str, int]):
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             # copies: the layer may update its block's output in place after the block returns
             if isinstance(out, torch.Tensor):
-                shapes[key] = 0
+                lengths[key] = 0
                 store.append(out.clone())
             elif (isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor)
                   and all(o is None for o in out[1:])):
-                shapes[key] = len(out)
+                lengths[key] = len(out)
                 store.append(out[0].clone())
             else:
                 self.unrecordable.add(key)
@@ -942,7 +938,7 @@ class _Walk:
                     m, fmt, step.linears[m].weight, H_fit, H_held, gs, config=self.config, gptq=self.gptq,
                     fp8_gptq=self.fp8_gptq, factor_cache=factors, H_refit=H_refit,
                 )
-            decided[m] = ({k: v.detach().cpu() for k, v in packed.items()}, w_hat, decision)
+            decided[m] = (packed, w_hat, decision)  # moved to the CPU once put in self.out
         if not self.distributed:
             return decided
         for m in group:
