@@ -55,7 +55,9 @@ How the walk goes
     the layer whose quantized Linears are all decided (``self_attn`` once ``o_proj`` is) gives the
     same output in every later pass: the first later pass records it and the others replay it
     (:class:`_BlockReplays`), so on a Llama layer the attention block runs about twice instead of
-    four times. Everything runs under ``torch.no_grad`` with the model in
+    four times. When the block's last Linear kept its inputs (``o_proj``, ``down_proj`` in NVFP4),
+    that first pass runs only this Linear on them, so the attention block and the MLP's gate, up
+    and activation run once per layer. Everything runs under ``torch.no_grad`` with the model in
     eval mode; the caller's model comes back bit-identical (same Parameter objects and storages; a
     ``try/finally`` restores weights, hooks and the train/eval flag even when something fails).
 
@@ -65,7 +67,8 @@ Memory
     outputs (one more such copy, under the same ``max_resident_activation_bytes``), plus each window's captured
     layer arguments (rotary tables, masks: shared across layers of one attention type). Per group one
     or two ``[in, in]`` fp32 Hessians (fit and held-out), plus one layer's served weights at a time,
-    plus the group's kept inputs (at most ``max_kept_input_bytes``) while its Hessians are built.
+    plus the group's kept inputs (at most ``max_kept_input_bytes``) while its Hessians are built
+    (kept until the block it ends has been recorded, at most to the layer's output pass).
     For a 31B model with 128 windows × 2048 tokens × 5376 hidden in bf16 that is ~2.8 GB per copy of
     the hidden states. Weights stay where they are; the packed results are moved to the CPU.
 
@@ -399,12 +402,20 @@ class _GroupStats:
         self._add(self._split["split"], args[0])
 
     def accumulate_kept(self) -> None:
-        """The Hessians from the inputs the amax pass kept (same windows, same order: same sums)."""
+        """The Hessians from the inputs the amax pass kept (same windows, same order: same sums).
+        The inputs stay kept: a group ending its block replays the block from them (:meth:`take_kept`)."""
         assert self.kept is not None
         for split, x in zip(self.kept_splits, self.kept, strict=True):
             self._add(split, x)
-        self.kept.close()
-        self.kept, self.kept_splits = None, []
+
+    def take_kept(self) -> ActivationStore | None:
+        """The kept inputs, now the caller's to close."""
+        kept, self.kept, self.kept_splits = self.kept, None, []
+        return kept
+
+    def close(self) -> None:
+        if self.kept is not None:
+            self.take_kept().close()
 
     def _add(self, split: str, x: torch.Tensor) -> None:
         xq = self.quantize_input(x).detach().reshape(-1, x.shape[-1]).float()
@@ -583,11 +594,21 @@ class _LayerStep:
     def _complete_blocks(self) -> list[str]:
         return [k for k in self.blocks if self.block_linears[k] <= self.decided]
 
-    def _run_windows(self, each: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Run every window through the layer, replaying the outputs of complete blocks recorded by an
-        earlier pass and recording those of blocks completed since (a recording is kept only when
-        the pass ran the block on every window)."""
-        with self.replays.around(self._complete_blocks(), self.blocks, len(self.calls)):
+    def block_ended_by(self, group: Sequence[str]) -> str | None:
+        """The block whose last-run quantized Linear is the group's only member (it may end the block:
+        :class:`_TailReplay` checks that it does)."""
+        if len(group) != 1:
+            return None
+        for k, held in self.block_linears.items():
+            if k in self.blocks and group[0] in held and max(held, key=self.order.__getitem__) == group[0]:
+                return k
+        return None
+
+    def _run_windows(self, each: Callable[[torch.Tensor], None] | None = None, *, last: bool = False) -> None:
+        """Run every window through the layer, replaying the complete blocks (:class:`_BlockReplays`)
+        and, unless this is the layer's ``last`` pass, recording those completed since (a recording
+        is kept only when the pass ran the block on every window)."""
+        with self.replays.around(self._complete_blocks(), self.blocks, len(self.calls), record=not last):
             for h_in, call in zip(self.hidden, self.calls, strict=True):
                 self.split["split"] = call.split
                 out = _run_layer(self.layer, h_in, call)
@@ -616,7 +637,7 @@ class _LayerStep:
 
     def outputs(self, store: ActivationStore) -> ActivationStore:
         """The layer's outputs on every window, appended to ``store`` (the next layer's inputs)."""
-        self._run_windows(store.append)
+        self._run_windows(store.append, last=True)
         return store
 
 
@@ -630,25 +651,41 @@ class _BlockReplays:
     The first pass that runs a complete block records its outputs (a forward hook); later passes
     replace the block's ``forward`` by a lookup of the window's recorded output (bit for bit what it
     would compute: same inputs, same weights). Outputs that are not a tensor or a tuple of a tensor
-    and ``None`` (attention weights not returned) are not recorded.
+    and ``None`` (attention weights not returned) are not recorded. When the block's last Linear
+    kept its inputs for its Hessians (``o_proj``, ``down_proj`` in NVFP4), even that first pass
+    skips the block: it runs only that Linear on them (:class:`_TailReplay`); the layer's last
+    pass, the output pass, records nothing.
     """
 
     def __init__(self, budget: ResidentBudget, spill_dir: str | None) -> None:
         self.budget, self.spill_dir = budget, spill_dir
         self.stores: dict[str, tuple[ActivationStore, int]] = {}  # block -> (outputs, tuple length or 0)
         self.unrecordable: set[str] = set()
+        self.tails: dict[str, _TailReplay] = {}
+
+    def add_tail(self, key: str, linear: nn.Module, inputs: ActivationStore) -> None:
+        """The block ``key`` ends in ``linear``, whose input on every window is in ``inputs``: the
+        next pass computes the block as ``linear(input)`` (:class:`_TailReplay`) instead of whole."""
+        self.tails[key] = _TailReplay(linear, inputs)
 
     @contextlib.contextmanager
-    def around(self, complete: Sequence[str], blocks: Mapping[str, nn.Module], n_windows: int):
+    def around(self, complete: Sequence[str], blocks: Mapping[str, nn.Module], n_windows: int, *, record: bool = True):
+        """Complete blocks replayed during the pass: recorded outputs if any, else computed from their
+        last Linear's kept inputs; with ``record``, those not recorded yet are recorded (from then on
+        replayed from the recording, the kept inputs dropped)."""
         recording = {k: ActivationStore(self.budget, self.spill_dir) for k in complete
-                     if k not in self.stores and k not in self.unrecordable}
+                     if record and k not in self.stores and k not in self.unrecordable}
         lengths: dict[str, int] = {}
         handles, replayed = [], []
         for k, store in recording.items():
             handles.append(blocks[k].register_forward_hook(self._recorder(k, store, lengths)))
+        own = {k: blocks[k].__dict__.get("forward") for k in complete}  # a wrapper someone set on the instance
         for k in complete:
             if k in self.stores:
                 blocks[k].forward = self._replayer(*self.stores[k])
+                replayed.append(k)
+            elif k in self.tails:
+                blocks[k].forward = self.tails[k].forward(blocks[k].forward)
                 replayed.append(k)
         try:
             yield
@@ -656,10 +693,17 @@ class _BlockReplays:
             for h in handles:
                 h.remove()
             for k in replayed:
-                del blocks[k].forward
+                if own[k] is None:
+                    del blocks[k].forward
+                else:
+                    blocks[k].forward = own[k]
+            for k in [k for k, t in self.tails.items() if t.ok is False]:  # not what the block computes
+                self.tails.pop(k).inputs.close()
         for k, store in recording.items():
             if len(store) == n_windows and k not in self.unrecordable:
                 self.stores[k] = (store, lengths[k])
+                if k in self.tails:
+                    self.tails.pop(k).inputs.close()
             else:  # the pass stopped before the block on some window, or it returned something else
                 store.close()
 
@@ -691,7 +735,60 @@ class _BlockReplays:
     def close(self) -> None:
         for store, _ in self.stores.values():
             store.close()
-        self.stores = {}
+        for tail in self.tails.values():
+            tail.inputs.close()
+        self.stores, self.tails = {}, {}
+
+
+class _TailReplay:
+    """A complete block computed from the kept input of its last Linear: ``linear(x)``, that
+    Linear in its served state, instead of the whole block (on a Llama layer the MLP's gate, up and
+    activation, about half of a forward, are skipped in the output pass).
+
+    Valid only when the block returns exactly that Linear's output and the kept input is what the
+    block feeds it now; the first window run checks both (the block runs whole there: its output
+    must be the very tensor the Linear returned, its Linear input equal to the kept one bit for bit)
+    and the check's verdict holds for the rest of the layer. A block that fails it runs whole and
+    its kept inputs are dropped after the pass.
+    """
+
+    def __init__(self, linear: nn.Module, inputs: ActivationStore) -> None:
+        self.linear, self.inputs = linear, inputs
+        self.ok: bool | None = None
+        self.length = 0  # 0: the block returns a tensor, else a tuple (tensor, None, ...) of this length
+
+    def forward(self, run_block: Callable[..., Any]) -> Callable[..., Any]:
+        kept = iter(self.inputs)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            x = next(kept)
+            if self.ok:
+                y = self.linear(x)
+                return y if self.length == 0 else (y, *([None] * (self.length - 1)))
+            if self.ok is False:
+                return run_block(*args, **kwargs)
+            return self._check(run_block, x, args, kwargs)
+
+        return forward
+
+    def _check(self, run_block: Callable[..., Any], x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        seen: dict[str, torch.Tensor] = {}
+        handles = [
+            # prepended: sees the input before the served activation fake-quant replaces it
+            self.linear.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]), prepend=True),
+            self.linear.register_forward_hook(lambda m, a, y: seen.setdefault("y", y)),
+        ]
+        try:
+            out = run_block(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        if isinstance(out, tuple) and out and all(o is None for o in out[1:]):
+            y, self.length = out[0], len(out)
+        else:
+            y, self.length = out, 0
+        self.ok = "y" in seen and y is seen["y"] and torch.equal(seen["x"], x)
+        return out
 
 
 # ---- the walk -----------------------------------------------------------------------------------
@@ -867,6 +964,16 @@ class _Walk:
         fmt = self.formats[group[0]]
         measured = self.rtn_errors or (self.gptq and (fmt.refine_by_default or self.fp8_gptq))
         stats = self._statistics(step, group, fmt, hessians=measured)
+        try:
+            self._decide_group(step, group, fmt, stats, measured)
+            tail = step.block_ended_by(group)
+            if tail is not None and stats.kept is not None:
+                step.replays.add_tail(tail, step.linears[group[0]], stats.take_kept())
+        finally:
+            stats.close()
+
+    def _decide_group(self, step: _LayerStep, group: Sequence[str], fmt: QuantFormat, stats: _GroupStats,
+                      measured: bool) -> None:
         gs = fmt.shared_global_scale(step.linears[m].weight for m in group) if fmt.shares_global_scale else None
         if measured:
             decided = self._measured_members(step, group, fmt, stats, gs)
@@ -918,7 +1025,7 @@ class _Walk:
             stats.track_amax_in_hessian_pass = False
         stats.quantize_input = _input_quantizer(fmt, igs)
         if kept:
-            stats.accumulate_kept()
+            stats.accumulate_kept()  # the inputs stay kept until the group is decided (_group)
         elif hessians:
             step.run_group_pass(group, stats.accumulate)
         return stats

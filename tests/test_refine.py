@@ -487,3 +487,61 @@ def test_complete_blocks_are_replayed_bit_for_bit(refined, monkeypatch):
     n_tokens = (N_FIT + N_HELD) * SEQ
     # at least q_proj and o_proj (hidden x hidden each) skipped in layer 0's gate/up, down and output passes
     assert computed_flops.flops - replayed_flops.flops >= 3 * 2 * 2 * n_tokens * hidden * hidden
+
+
+def _same_bits(a, b) -> None:
+    assert a.input_amax == b.input_amax and a.decisions == b.decisions
+    for name, packed in b.packed.items():
+        assert all(torch.equal(v.view(torch.uint8), a.packed[name][k].view(torch.uint8)) for k, v in packed.items())
+
+
+def test_block_ended_by_a_decided_linear_is_computed_from_its_kept_input(refined, monkeypatch):
+    """Layer 0's down_proj (NVFP4) ends its MLP and its inputs were kept for its Hessians: the output
+    pass computes the MLP as down_proj(kept input) and skips gate, up and the activation, with the
+    same bits as running the MLP."""
+    model, plan, _, _ = refined
+    fit, held = _windows()
+    monkeypatch.setattr(refine_module, "FLOP_SAMPLE_STRIDE", 1)
+    tail_flops, whole_flops = FlopTally(), FlopTally()
+    tail = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=tail_flops)
+    with monkeypatch.context() as m:
+        m.setattr(refine_module._LayerStep, "block_ended_by", lambda self, group: None)
+        whole = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=whole_flops)
+    _same_bits(tail, whole)
+    mlp = dict(model.named_modules())["model.layers.0.mlp"]
+    n_tokens = (N_FIT + N_HELD) * SEQ
+    gate_up = 2 * 2 * n_tokens * mlp.gate_proj.in_features * mlp.gate_proj.out_features
+    # layer 1's down_proj is FP8 (no kept input) and layer 1 has no output pass: only layer 0 saves
+    # (its attention, ended by o_proj, is also computed from o_proj's kept input in the gate/up pass)
+    assert whole_flops.flops - tail_flops.flops >= gate_up
+
+
+def test_block_that_does_more_than_its_last_linear_runs_whole(refined, monkeypatch):
+    """An MLP whose output is not down_proj's own tensor fails the first-window check: it runs whole
+    on every window (same bits and FLOPs as without tail replays), and the model comes back as it was."""
+    model, plan, _, _ = refined
+    fit, held = _windows()
+    mlp = dict(model.named_modules())["model.layers.0.mlp"]
+    wrapper = lambda x: type(mlp).forward(mlp, x) * 1.0  # noqa: E731
+    monkeypatch.setattr(mlp, "forward", wrapper, raising=False)
+    monkeypatch.setattr(refine_module, "FLOP_SAMPLE_STRIDE", 1)
+    ended_by = refine_module._LayerStep.block_ended_by
+    monkeypatch.setattr(refine_module._LayerStep, "block_ended_by",  # the MLP's tail only
+                        lambda self, group: "mlp" if ended_by(self, group) == "mlp" else None)
+    verdicts = []
+    check = refine_module._TailReplay._check
+
+    def spy(self, *args):
+        out = check(self, *args)
+        verdicts.append(self.ok)
+        return out
+
+    monkeypatch.setattr(refine_module._TailReplay, "_check", spy)
+    checked_flops, whole_flops = FlopTally(), FlopTally()
+    checked = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=checked_flops)
+    assert verdicts == [False] and mlp.forward is wrapper
+    with monkeypatch.context() as m:
+        m.setattr(refine_module._LayerStep, "block_ended_by", lambda self, group: None)
+        whole = refine_model(model, plan, fit, held, config=CONFIG, count_flops_into=whole_flops)
+    _same_bits(checked, whole)
+    assert checked_flops.flops == whole_flops.flops

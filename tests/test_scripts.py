@@ -472,3 +472,38 @@ def test_bench_scaling_fits_and_runs_on_a_tiny_model(tmp_path, tiny_model_dir, c
     assert fits["probe"]["fe_per_token"] >= 2.0 and fits["refine"]["fe_per_token"] > 1.0
     assert res["peak_ratio_last_over_first"] > 0
     assert "peak RSS 256 / 128 tokens" in capsys.readouterr().out
+
+
+def test_candidate_regret_by_hand(tmp_path, capsys):
+    """Wins and regrets of dropped candidates on three hand-made Linears, read back from a saved file."""
+    from pq_lightning.refine import LinearDecision, RefineOutput
+
+    mod = _load("candidate_regret")
+
+    def dec(name, fmt, errs):
+        errors = {k: {"fit": 0.0, "heldout": v} for k, v in errs.items()}
+        return LinearDecision(name, fmt, "rtn", None, errors, errs.get("rtn"), min(errs.values(), default=None))
+
+    decisions = {
+        "a": dec("a", "nvfp4", {"rtn": 10.0, "sweep": 8.0, "gptq@0.03": 5.0, "refit": 1.0}),
+        "b": dec("b", "nvfp4", {"rtn": 4.0, "sweep": 3.0, "gptq@0.03": 3.5}),
+        "c": dec("c", "nvfp4", {"rtn": 2.0, "sweep": 2.0, "gptq@0.03": 2.5}),
+        "d": dec("d", "fp8", {"rtn": 7.0}),  # another format: not read
+        "e": LinearDecision("e", "nvfp4", "rtn", None, {}, None, None),  # packed by rule: not measured
+    }
+    rows = mod.heldout_rows(decisions)
+    assert len(rows) == 3 and all("refit" not in r for r in rows)
+    assert mod.wins(rows) == {"gptq@0.03": 1, "sweep": 1, "rtn": 1}  # c: rtn listed first wins the tie
+    best = 5.0 + 3.0 + 2.0
+    assert mod.regret(rows, ["gptq@0.03"]) == pytest.approx((8.0 + 3.0 + 2.0) / best - 1)
+    assert mod.regret(rows, ["sweep"]) == pytest.approx((5.0 + 3.5 + 2.0) / best - 1)
+    assert mod.regret(rows, ["sweep", "gptq@0.03"]) == pytest.approx((10.0 + 4.0 + 2.0) / best - 1)
+    with pytest.raises(ValueError, match="leaves no candidate"):
+        mod.regret(rows, ["rtn", "sweep", "gptq@0.03"])
+
+    path = tmp_path / "work" / "refine-x.safetensors"
+    path.parent.mkdir()
+    RefineOutput(packed={}, input_amax={}, decisions=decisions, totals={}).save(path)
+    assert mod.main([str(tmp_path), "--drop", "gptq@0.03"]) == 0
+    out = capsys.readouterr().out
+    assert "3 measured nvfp4 Linears" in out and f"{100 * (13 / best - 1):8.4f} %" in out
