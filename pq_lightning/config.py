@@ -7,6 +7,7 @@ Each maps to a block of the YAML configs (``calibration:``, ``probe:``, ``refine
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class RefineConfig:
     decision needs (off: their groups are only packed and put in their served state).
     ``activation_memory_gb``: the most stored hidden states and kept inputs the layer walk holds in
     memory; beyond it they go to a scratch file under the output's ``work/`` (``None``: no limit).
+    ``walk``: ``sequential`` refines each budget in its own walk, every layer seeing the layers above
+    quantized as that budget serves them (:mod:`pq_lightning.refine`); ``shared`` refines every budget
+    in one walk on the unquantized stream, each distinct (Linear, format, fold) decided once
+    (:mod:`pq_lightning.shared_walk`): a sweep of budgets costs about one walk.
     """
 
     gptq: bool = True
@@ -100,6 +105,11 @@ class RefineConfig:
     sweep: bool = True
     refit: bool = True
     activation_memory_gb: float | None = 4.0
+    walk: Literal["sequential", "shared"] = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.walk not in ("sequential", "shared"):
+            raise ValueError(f"refine.walk must be 'sequential' or 'shared', got {self.walk!r}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 Which file holds what: loading ``models.py``; windows ``data.py``; the probe ``callbacks/fisher_probe.py``
 (Fisher statistics) and ``callbacks/smoothing_statistics.py``; costs ``cost.py``; groups, budgets and
 plans ``plan.py`` over ``allocate.py``; smoothing ``smooth.py``; GPTQ ``refine.py`` / ``gptq.py`` (run by
-``refiner_module.py``); the checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the
+``refiner_module.py``; with ``--refine.walk shared`` every budget in one walk, ``shared_walk.py``); the checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the
 report ``report.py``. Every stage's result is cached under ``<output_dir>/work`` with a key over what
 it read, so a second run with another budget reuses the probe, and a changed model, data or setting
 invalidates only the stages that depend on it.
@@ -32,7 +32,7 @@ from .checks import check_model_source, check_pins_bans, check_settings, expand_
 from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
 from .output_dir import OutputDir, budget_inputs_key
 from .plan import budget_label
-from .smooth import SmoothConfig, unfold_smoothing
+from .smooth import SmoothConfig, refold_smoothing, unfold_smoothing
 from .stage_runner import StageRunner, stage_key
 
 __all__ = ["CalibrationConfig", "EvalConfig", "ProbeConfig", "RefineConfig", "SmoothConfig", "TrainerConfig",
@@ -164,12 +164,18 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
                         bans=bans, sweep_bits=list(pareto_bits or DEFAULT_SWEEP))
     eval_windows = stages.evaluation_windows(run, loaded, evaluation)
 
+    shared = _shared_walk(run, loaded, plans, probed, smooth, cal, refine, trainer) if refine.walk == "shared" else None
     results: dict[str, dict] = {}
     built: dict = {}  # published checkpoint -> where it is now
     for label, plan in plans.budgets.items():
         run.console.rule(f"[bold]{label}: {plan.bpp_body:.4f} bpp body, formats {plan.format_counts()}")
-        folds = stages.fold(run, loaded, plan, probed, smooth, cal)
-        refined = stages.refine(run, loaded, plan, cal, refine, folds, probed, smooth, trainer)
+        if shared is None:
+            folds = stages.fold(run, loaded, plan, probed, smooth, cal)
+            refined = stages.refine(run, loaded, plan, cal, refine, folds, probed, smooth, trainer)
+        else:
+            folds, refined = shared[label]
+            if folds is not None:
+                refold_smoothing(loaded.model, folds)  # export and evaluation serve the folded model
         exported = stages.export(run, loaded, plan, refined, label, manifest={
             "model_fingerprint": loaded.fingerprint, "calibration": asdict(calibration), "plan_target": plan.target,
             "estimator": estimator, "inputs_key": budget_inputs_key(inputs, label)})
@@ -188,6 +194,17 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
     report = outputs.publish(labels, built, lambda: _report(run, results, plans, costs, probed, settings))
     _summary(run, results)
     return report
+
+
+def _shared_walk(run: StageRunner, loaded, plans: stages.Plans, probed, smooth, cal, refine, trainer) -> dict:
+    """Every budget's folds (found, recorded, undone) and one shared refine walk for all of them."""
+    folds: dict = {}
+    for label, plan in plans.budgets.items():
+        folds[label] = stages.fold(run, loaded, plan, probed, smooth, cal)
+        if folds[label] is not None:
+            unfold_smoothing(loaded.model, folds[label])  # the walk takes the unfolded model
+    refined = stages.refine_shared(run, loaded, plans.budgets, cal, refine, folds, probed, smooth, trainer)
+    return {label: (folds[label], refined[label]) for label in plans.budgets}
 
 
 def _window_tokens(calibration: CalibrationConfig, evaluation: EvalConfig) -> dict[str, int]:

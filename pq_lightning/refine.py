@@ -89,6 +89,9 @@ Models larger than memory
     layer once per window under the streamer's memory cap). The stored hidden states and Hessians are
     as above; the results equal the in-memory walk.
 
+One walk per plan: each layer's statistics depend on the plan upstream. A sweep of budgets can share
+one walk on the unquantized stream instead (:mod:`pq_lightning.shared_walk`, ``--refine.walk shared``).
+
 Known limits
     A Linear called more than once in one layer forward disables the early stop (correct, slower).
     Planned Linears outside the decoder layers (``lm_head``...) are not refined (a warning says so):
@@ -418,11 +421,16 @@ class _GroupStats:
             self.take_kept().close()
 
     def _add(self, split: str, x: torch.Tensor) -> None:
-        xq = self.quantize_input(x).detach().reshape(-1, x.shape[-1]).float()
-        if self.H[split] is None:
-            self.H[split] = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
-        _add_gram_upper_(self.H[split], xq)
-        self.n[split] += xq.shape[0]
+        _accumulate(self.H, self.n, split, self.quantize_input(x))
+
+
+def _accumulate(H: dict, n: dict, split: str, xq: torch.Tensor) -> None:
+    """``H[split] += xqᵀxq`` (upper panels, fp32; created on first use) and its token count."""
+    xq = xq.detach().reshape(-1, xq.shape[-1]).float()
+    if H[split] is None:
+        H[split] = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+    _add_gram_upper_(H[split], xq)
+    n[split] += xq.shape[0]
 
 
 def _add_gram_upper_(H: torch.Tensor, x: torch.Tensor) -> None:
@@ -878,6 +886,7 @@ def refine_model(
     walk.out.totals = _totals(walk.out.decisions, walk.out.packed)
     walk.out.totals["resident_activation_peak_bytes"] = walk.budget.peak
     walk.out.totals["flops_counted_layers"] = len(range(0, len(layers), FLOP_SAMPLE_STRIDE))
+    walk.out.totals["walk"] = "sequential"
     return walk.out
 
 

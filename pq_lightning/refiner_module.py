@@ -131,3 +131,33 @@ class GPTQRefiner(lightning.LightningModule):
                 progress=self.progress, count_flops_into=self.count_flops_into, **self.memory,
             )
         self._batches = []
+
+
+class SharedWalkRefiner(GPTQRefiner):
+    """Refines several plans (a budget sweep) in one walk: :func:`~pq_lightning.shared_walk.refine_plans`.
+
+    Run like :class:`GPTQRefiner`; :attr:`outputs` holds one :class:`~pq_lightning.refine.RefineOutput` per
+    plan, in order. ``model`` must be unfolded: each :class:`~pq_lightning.shared_walk.WalkPlan` carries
+    its own folds.
+    """
+
+    def __init__(self, model: torch.nn.Module, plans: Sequence[Any], config: GPTQConfig | None = None, **kwargs: Any):
+        if not plans:
+            raise ValueError("SharedWalkRefiner needs at least one WalkPlan")
+        super().__init__(model, plans[0].formats, config, **kwargs)
+        self.plans = list(plans)
+        self.outputs: list[RefineOutput] | None = None
+
+    def _refine(self) -> None:
+        from .shared_walk import refine_plans
+
+        fit, held = self.split_batches()
+        with torch.inference_mode(False), torch.no_grad():  # as GPTQRefiner._refine
+            fit, held = [t.clone() for t in fit], [t.clone() for t in held]
+            self.outputs = refine_plans(
+                self.model, self.plans, fit, held, config=self.config, gptq=self.gptq, fp8_gptq=self.fp8_gptq,
+                rtn_errors=self.rtn_errors, model_type=self.model_type, progress=self.progress,
+                count_flops_into=self.count_flops_into, **self.memory,
+            )
+        self.output = self.outputs[0]
+        self._batches = []

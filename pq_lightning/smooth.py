@@ -515,6 +515,15 @@ def _scale(
         up(c.weight, s.to(c.weight.device, c.weight.dtype))
 
 
+def refold_smoothing(model: nn.Module, result: SmoothResult) -> None:
+    """Fold ``result`` again after :func:`unfold_smoothing`: the same scales, the same bits, no search."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for m in result.mappings:
+            _scale(modules[m.producer], [modules[c] for c in m.consumers], m.kind, result.scales[m.producer],
+                   inverse=False, offset=result.offsets.get(m.producer, 0.0))
+
+
 def unfold_smoothing(model: nn.Module, result: SmoothResult) -> None:
     """Undo :func:`fold_smoothing` exactly (power-of-two scales), newest fold first."""
     modules = dict(model.named_modules())

@@ -3,6 +3,9 @@
     load ─► calibration ─► body ─► probe (Fisher statistics + smoothing statistics, one pass)
          ─► cost ─► plan ─► per budget: fold ─► refine ─► export ─► evaluate ─► report
 
+With ``refine.walk: shared`` the budgets' folds are found first and one walk (:func:`refine_shared`)
+refines them all; each budget is then folded again for its export and evaluation.
+
 :func:`pq_lightning.pipeline.quantize` chains them. A stage that is costly caches its result under
 ``<output_dir>/work`` with a key over everything it read: the model's fingerprint, the token ids of
 the windows, the settings, and the key of the stage before it. The probe and the refine run through a
@@ -306,44 +309,88 @@ class Refined:
     key: str
 
 
+def _refine_key(loaded: LoadedModel, plan_: Plan, cal: Calibration, cfg: RefineConfig, folds: SmoothResult | None,
+                probe_: ProbeResult, smooth: SmoothConfig) -> str:
+    fold_key = (probe_.key, asdict(smooth), sorted(folds.alphas.items())) if folds is not None else None
+    return stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, refine_settings(cfg),
+                     fold_key)
+
+
 def refine(run: StageRunner, loaded: LoadedModel, plan_: Plan, cal: Calibration, cfg: RefineConfig,
            folds: SmoothResult | None, probe_: ProbeResult, smooth: SmoothConfig, trainer: TrainerConfig) -> Refined:
-    """GPTQ / scale sweep of the plan's Linears through :class:`GPTQRefiner` under the trainer's strategy."""
+    """GPTQ / scale sweep of the plan's Linears through :class:`GPTQRefiner` under the trainer's strategy
+    (the sequential walk, on the model with this budget's folds in place)."""
     from .refine import RefineOutput
+    from .refiner_module import GPTQRefiner
 
-    fold_key = (probe_.key, asdict(smooth), sorted(folds.alphas.items())) if folds is not None else None
-    key = stage_key("refine", loaded.fingerprint, cal.fingerprint, plan_.formats, plan_.groups, refine_settings(cfg),
-                    fold_key)
+    key = _refine_key(loaded, plan_, cal, cfg, folds, probe_, smooth)
     path = run.cache_path("refine", key, ".safetensors")
     with run.stage("refine") as record:
         if run.cached(record, path):
             return Refined(RefineOutput.load(path), key)
-        output = _run_refiner(run, loaded, plan_, cal, cfg, trainer, record)
+        refiner = GPTQRefiner(loaded.model, plan_.formats, _gptq_config(cfg), groups=plan_.groups,
+                              **_refiner_kwargs(run, loaded, cfg))
+        output = _run_refiner(run, loaded, refiner, cal, trainer, record)
         if run.is_zero:
             output.save(path)
         run.barrier()
     return Refined(output, key)
 
 
-def _run_refiner(run, loaded, plan_, cal, cfg, trainer, record):
+def refine_shared(run: StageRunner, loaded: LoadedModel, plans: dict[str, Plan], cal: Calibration, cfg: RefineConfig,
+                  folds: dict[str, SmoothResult | None], probe_: ProbeResult, smooth: SmoothConfig,
+                  trainer: TrainerConfig) -> dict[str, Refined]:
+    """Every budget not cached yet, refined in one walk of the unfolded model (:class:`SharedWalkRefiner`).
+    A budget's result depends on its own plan and folds only, so each is cached on its own."""
+    from .refine import RefineOutput
+    from .refiner_module import SharedWalkRefiner
+    from .shared_walk import WalkPlan
+
+    keys = {label: _refine_key(loaded, p, cal, cfg, folds[label], probe_, smooth) for label, p in plans.items()}
+    out: dict[str, Refined] = {}
+    with run.stage("refine") as record:
+        todo = []
+        for label, key in keys.items():
+            path = run.cache_path("refine", key, ".safetensors")
+            if run.cached(record, path):
+                out[label] = Refined(RefineOutput.load(path), key)
+            else:
+                todo.append(label)
+        if todo:
+            walk_plans = [WalkPlan.from_folds(plans[lb].formats, plans[lb].groups, folds[lb]) for lb in todo]
+            refiner = SharedWalkRefiner(loaded.model, walk_plans, _gptq_config(cfg), **_refiner_kwargs(run, loaded, cfg))
+            _run_refiner(run, loaded, refiner, cal, trainer, record)
+            for label, output in zip(todo, refiner.outputs, strict=True):
+                if run.is_zero:
+                    output.save(run.cache_path("refine", keys[label], ".safetensors"))
+                out[label] = Refined(output, keys[label])
+            run.barrier()
+    return {label: out[label] for label in plans}
+
+
+def _gptq_config(cfg: RefineConfig):
+    from .gptq import GPTQConfig
+
+    return GPTQConfig(dampening=cfg.dampening, own_scale_dampening=cfg.own_scale_dampening,  # tuples made there
+                      block_size=cfg.block_size, act_order=cfg.act_order, sweep=cfg.sweep, refit=cfg.refit)
+
+
+def _refiner_kwargs(run: StageRunner, loaded: LoadedModel, cfg: RefineConfig) -> dict:
+    return {"gptq": cfg.gptq, "fp8_gptq": cfg.fp8_gptq, "rtn_errors": cfg.rtn_errors, "model_type": loaded.model_type,
+            "progress": lambda it: run.track(it, "refine layers"),
+            "max_resident_activation_bytes": None if cfg.activation_memory_gb is None
+            else int(cfg.activation_memory_gb * 2**30), "spill_dir": str(run.work), "count_flops_into": FlopTally()}
+
+
+def _run_refiner(run, loaded, refiner, cal, trainer, record):
+    """Run a refiner module over the fit and held-out windows; its forward-equivalents per token noted."""
     from torch.utils.data import DataLoader
 
     from .callbacks import HeapTrim
     from .data import WindowDataset
-    from .gptq import GPTQConfig
     from .models import language_model_layers
-    from .refiner_module import GPTQRefiner
 
     held = cal.heldout if cal.heldout.shape[0] else cal.fit[-cal.data.batch_size:]  # no held-out: score on the last fit batch
-    config = GPTQConfig(dampening=cfg.dampening, own_scale_dampening=cfg.own_scale_dampening,  # tuples made there
-                        block_size=cfg.block_size, act_order=cfg.act_order,
-                        sweep=cfg.sweep, refit=cfg.refit)
-    refiner = GPTQRefiner(loaded.model, plan_.formats, config, groups=plan_.groups, gptq=cfg.gptq,
-                          fp8_gptq=cfg.fp8_gptq, rtn_errors=cfg.rtn_errors, model_type=loaded.model_type,
-                          progress=lambda it: run.track(it, "refine layers"),
-                          max_resident_activation_bytes=None if cfg.activation_memory_gb is None
-                          else int(cfg.activation_memory_gb * 2**30), spill_dir=str(run.work),
-                          count_flops_into=FlopTally())
     loaders = [DataLoader(WindowDataset(w), batch_size=cal.data.batch_size) for w in (cal.fit, held)]
     lt = _lightning_trainer(trainer, run, callbacks=[HeapTrim()])
     lt.predict(refiner, dataloaders=loaders, return_predictions=False)

@@ -7,12 +7,14 @@ peak resident memory and its counted forward-equivalents per calibration token (
 ``stages``). Per model this prints the table, a least-squares fit ``seconds = fixed + per_1k * tokens/1000``
 per stage, and the peak-RSS ratio of the largest size over the smallest (target <= 1.15). With
 ``--sweep-budgets`` it also times a Pareto sweep of several budgets at the largest size against the
-single-budget run at that size (target <= 2x).
+single-budget run at that size (target <= 2x); ``--sweep-walk shared`` refines the sweep's budgets in one
+shared walk (``--refine.walk``), the single-budget runs keep the config's walk.
 
 Example::
 
     python scripts/bench_scaling.py --tokens 4096 16384 32768 --threads 2
     python scripts/bench_scaling.py --models smollm2-135m gemma3-270m --tokens 4096 32768 --sweep-budgets 4.5 5 6 7
+    python scripts/bench_scaling.py --tokens 32768 --sweep-budgets 4.5 5 5.5 6 --sweep-walk shared
 """
 
 from __future__ import annotations
@@ -36,19 +38,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--budget", type=float, default=6.0)
     p.add_argument("--sweep-budgets", type=float, nargs="*", default=[])
+    p.add_argument("--sweep-walk", choices=("sequential", "shared"), default=None,
+                   help="--refine.walk of the sweep run (default: the config's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more quantize arguments, last")
     p.add_argument("--output", default="out/bench-scaling")
     return p.parse_args(argv)
 
 
-def run_quantize(args, model: str | None, tokens: int, budgets: list[float], out: Path) -> dict:
+def run_quantize(args, model: str | None, tokens: int, budgets: list[float], out: Path, walk: str | None = None) -> dict:
     """One fresh ``quantize`` process; returns its report's stages, wall time and command."""
     n = max(1, round(tokens / args.seqlen))
     cmd = [sys.executable, "-m", "pq_lightning.cli", "quantize", "--config", args.config,
            "--output_dir", str(out), "--target_bits", json.dumps(budgets), "--pareto_bits", json.dumps(budgets),
            "--calibration.num_samples", str(n), "--calibration.seqlen", str(args.seqlen),
-           "--evaluation.enabled", "false", *args.extra]
+           "--evaluation.enabled", "false", *(["--refine.walk", walk] if walk else []), *args.extra]
     if model is not None:
         cmd += ["--model", model]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
@@ -115,9 +119,11 @@ def main(argv=None) -> int:
         print_model(model, runs, summary)
         entry = {"runs": runs, **summary}
         if args.sweep_budgets:
-            sweep = run_quantize(args, model, max(args.tokens), list(args.sweep_budgets), out / f"{tag}-sweep")
+            sweep = run_quantize(args, model, max(args.tokens), list(args.sweep_budgets), out / f"{tag}-sweep",
+                                 walk=args.sweep_walk)
             ratio = sweep["wall_s"] / runs[-1]["wall_s"]
-            print(f"Pareto sweep of {args.sweep_budgets}: {sweep['wall_s']:.1f} s = {ratio:.2f}x one budget "
+            print(f"Pareto sweep of {args.sweep_budgets} ({args.sweep_walk or 'config'} walk): {sweep['wall_s']:.1f} s = "
+                  f"{ratio:.2f}x one budget "
                   f"(target <= 2: {'PASS' if ratio <= 2 else 'FAIL'})")
             entry["sweep"] = {**sweep, "ratio_to_one_budget": ratio}
         results[tag] = entry

@@ -36,8 +36,10 @@ The ids produced by ``tiny_tokenizer`` are all below 128, valid for both tiny mo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -53,6 +55,21 @@ _TOKENIZER_TRAINING_TEXT = [
 ]
 
 _CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """This spawned process joins a local gloo process group of ``world`` ranks (one thread each)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def build_tiny_tokenizer() -> Any:

@@ -233,3 +233,25 @@ def test_excluding_one_fused_sibling_keeps_its_set_bf16_before_the_probe(tmp_pat
             groups = [g for g in qc["config_groups"].values() if names & set(g["targets"])]
             assert len(groups) <= 1 and (not groups or names <= set(groups[0]["targets"])), names
     assert targets
+
+
+def test_shared_walk_sweep_gives_each_budget_its_own_build(tmp_path, tiny_model_dir):
+    """Two budgets in one shared walk: each checkpoint is the one a run of that budget alone writes (a budget's
+    decisions depend on its own plan and folds only), and its smoothed norms are folded in."""
+    from safetensors.torch import load_file
+
+    settings = _settings(tmp_path)
+    settings["refine"] = RefineConfig(dampening=[0.01, 0.1], walk="shared")
+    both = quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / "both"), target_bits=[4.5, 6.0], **settings)
+    one = quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / "one"), target_bits=6.0, **settings)
+    assert both["targets"]["6bpp"]["eval"] == one["eval"]
+    name = "model-00001-of-00001.safetensors"
+    a, b = (load_file(tmp_path / d / "checkpoint-6bpp" / name) for d in ("both", "one"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    src = load_file(next(tiny_model_dir.glob("*.safetensors")))
+    folded = [k for k in src if k.endswith("layernorm.weight") and not torch.equal(src[k], a[k])]
+    assert len(folded) == len(both["targets"]["6bpp"]["smooth"]["alphas"]) - sum(
+        "mlp.up_proj" in p for p in both["targets"]["6bpp"]["smooth"]["alphas"])
+    assert both["targets"]["4.5bpp"]["gptq"]["walk"] == "shared"
+    with pytest.raises(ValueError, match="'sequential' or 'shared'"):
+        RefineConfig(walk="parallel")

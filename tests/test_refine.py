@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import socket
 
 import pytest
@@ -354,21 +353,15 @@ def test_lightning_single_loader_holds_out_every_nth_batch(refined):
 
 # ---- two gloo processes -------------------------------------------------------------------------
 def _gloo_worker(rank: int, world: int, port: int, out_path: str) -> None:
-    import torch.distributed as dist
+    from conftest import gloo_group
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model = _llama()
         fit, held = _windows()
         out = refine_model(model, _plan(model), fit[rank::world], held[rank::world], config=CONFIG, keep_hessians=True)
         torch.save({"packed": out.packed, "amax": out.input_amax, "hessians": out.hessians,
                     "decisions": {n: (d.method, d.heldout_chosen) for n, d in out.decisions.items()}},
                    f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed

@@ -16,6 +16,7 @@ from pq_lightning.smooth import (
     SmoothMapping,
     _gain_offset,
     exact_scales,
+    refold_smoothing,
     smooth_model,
     smoothing_scales,
     unfold_smoothing,
@@ -196,8 +197,11 @@ def test_one_plus_weight_norms_fold_exactly(make_tiny_gemma3, dtype):
             gain = 1 + modules[m.producer].weight.float()
             assert torch.equal(gain, (1 + state[f"{m.producer}.weight"].float()) / got), m.producer
     assert (stepped == 0) if dtype == torch.float32 else (stepped > 0)
+    folded = {k: v.clone() for k, v in model.state_dict().items()}
     unfold_smoothing(model, res)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    refold_smoothing(model, res)  # the shared walk's budgets are folded again for export: the same bits
+    assert all(torch.equal(v, folded[k]) for k, v in model.state_dict().items())
 
 
 def test_a_fold_that_moves_the_logits_is_undone(make_tiny_llama, monkeypatch):
