@@ -6,8 +6,8 @@
 Which file holds what: loading ``models.py``; windows ``data.py``; the probe ``callbacks/fisher_probe.py``
 (Fisher statistics) and ``callbacks/smoothing_statistics.py``; costs ``cost.py``; groups, budgets and
 plans ``plan.py`` over ``allocate.py``; smoothing ``smooth.py``; GPTQ ``refine.py`` / ``gptq.py`` (run by
-``refiner_module.py``; with ``--refine.walk shared`` every budget in one walk, ``shared_walk.py``); the checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the
-report ``report.py``. Every stage's result is cached under ``<output_dir>/work`` with a key over what
+``refiner_module.py``; with ``--refine.walk shared`` every budget in one walk, ``shared_walk.py``); the
+checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the report ``report.py``. Every stage's result is cached under ``<output_dir>/work`` with a key over what
 it read, so a second run with another budget reuses the probe, and a changed model, data or setting
 invalidates only the stages that depend on it.
 

@@ -158,8 +158,7 @@ class _Job:
     """One decision: a Linear under one variant and one row scale, wanted by one or more plans."""
 
     member: str
-    variant: _Variant
-    rows: str | None
+    variant: _Variant | None  # None: RTN by rule, no statistics
     fmt: QuantFormat
     weight: torch.Tensor  # fp32, scales applied
     gs: torch.Tensor | None
@@ -384,16 +383,15 @@ class _SharedWalk(_Walk):
             plan = self.plans[i][2]
             for g, fmt, v, s, _ in per_plan:
                 rows = tuple(_digest(plan.row_scales.get(m)) for m in g)
-                weights = {m: _scaled_weight(linears[m].weight, s, plan.row_scales.get(m)) for m in g}
-                gs = None
-                for m, r in zip(g, rows, strict=True):
-                    key = (m, v if v is not None else (g, fmt.name, _digest(s)), rows)
-                    if key in jobs:
+                keys = [(m, v if v is not None else (g, fmt.name, _digest(s)), rows) for m in g]
+                if keys[0] in jobs:  # a group's keys share variant and row scales: all known, or none
+                    for key in keys:
                         jobs[key].plans.append(i)
-                        continue
-                    if gs is None and fmt.shares_global_scale:
-                        gs = fmt.shared_global_scale(weights.values())
-                    jobs[key] = _Job(m, v, r, fmt, weights[m], gs, [i])
+                    continue
+                weights = [_scaled_weight(linears[m].weight, s, plan.row_scales.get(m)) for m in g]
+                gs = fmt.shared_global_scale(weights) if fmt.shares_global_scale else None
+                for m, w, key in zip(g, weights, keys, strict=True):
+                    jobs[key] = _Job(m, v, fmt, w, gs, [i])
         return jobs
 
     def _decide_layer(self, linears, wanted, stats: Mapping[_Variant, _VariantStats]) -> None:
