@@ -17,6 +17,7 @@ do and exits with 2; a bug prints its traceback. ``--verbose`` prints the traceb
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -105,6 +106,9 @@ class _CtrlC:
 
     def __call__(self, signum, frame) -> None:
         self.seen = True
+        if _in_finalizer(frame):  # Python prints and drops an exception raised there: deliver it again after
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return
         raise KeyboardInterrupt
 
     def __enter__(self) -> _CtrlC:
@@ -116,6 +120,14 @@ class _CtrlC:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:

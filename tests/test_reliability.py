@@ -540,3 +540,29 @@ def test_14_cli_subprocess_prints_no_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("pq-lightning: error: --estimator 'fisher' is unknown")
     assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_inside_a_finalizer_still_interrupts(tmp_path):
+    """Python drops an exception raised in ``__del__``: the Ctrl-C is delivered again and the run ends 130."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pq_lightning import cli\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.001)\n"
+        "def work(argv):\n"
+        "    Finalized()\n"
+        "    time.sleep(2)\n"
+        "    print('finished', file=sys.stderr)\n"
+        "cli._dispatch = work\n"
+        "cli.main([])\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130
+    assert "finished" not in done.stderr and "Traceback" not in done.stderr
+    assert "interrupted; run the same command again" in done.stderr
