@@ -550,6 +550,7 @@ def test_ctrl_c_inside_a_finalizer_still_interrupts(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell starts it (pytest may ignore it)\n"
         "from pq_lightning import cli\n"
         "class Finalized:\n"
         "    def __del__(self):\n"
