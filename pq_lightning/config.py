@@ -6,6 +6,7 @@ Each maps to a block of the YAML configs (``calibration:``, ``probe:``, ``refine
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,6 +94,13 @@ class RefineConfig:
     quantized as that budget serves them (:mod:`pq_lightning.refine`); ``shared`` refines every budget
     in one walk on the unquantized stream, each distinct (Linear, format, fold) decided once
     (:mod:`pq_lightning.shared_walk`): a sweep of budgets costs about one walk.
+    ``compensate_inputs``: GPTQ and the sweep of a W4A4 Linear fit the weight that compensates for
+    its quantized input, ``E‖W x − Ŵ x̂‖²`` instead of ``E‖(W − Ŵ) x̂‖²``, at the ``compensate_damp``
+    damping (relative, of the regression) with the least held-out error, or not where none beats
+    the weight itself (:mod:`pq_lightning.input_error`); costs two more ``[in, in]`` sums per group.
+    ``sweep_grid``: the multipliers of each 16-group's amax the NVFP4 scale sweep tries;
+    ``scale_headroom``: NVFP4 weight global scale ``448·6 / (headroom · amax)`` (a power of two: RTN
+    unchanged), which lets the largest groups take multipliers above 1 too.
     """
 
     gptq: bool = True
@@ -106,10 +114,23 @@ class RefineConfig:
     refit: bool = True
     activation_memory_gb: float | None = 4.0
     walk: Literal["sequential", "shared"] = "sequential"
+    compensate_inputs: bool = False
+    compensate_damp: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    sweep_grid: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5])
+    scale_headroom: float = 2.0
 
     def __post_init__(self) -> None:
         if self.walk not in ("sequential", "shared"):
             raise ValueError(f"refine.walk must be 'sequential' or 'shared', got {self.walk!r}")
+        if self.compensate_inputs and (not self.compensate_damp or any(
+                not (d >= 0 and math.isfinite(d)) for d in self.compensate_damp)):
+            raise ValueError("refine.compensate_damp needs at least one finite damping >= 0 "
+                             f"(e.g. [0.01, 0.1, 1.0]), got {self.compensate_damp}")
+        if not self.sweep_grid or any(not (m > 0 and math.isfinite(m)) for m in self.sweep_grid):
+            raise ValueError(f"refine.sweep_grid needs finite multipliers > 0, got {self.sweep_grid}")
+        h = float(self.scale_headroom)
+        if not (h >= 1 and math.isfinite(h) and math.frexp(h)[0] == 0.5):
+            raise ValueError(f"refine.scale_headroom must be a power of two >= 1 (1, 2, 4), got {self.scale_headroom}")
 
 
 @dataclass(frozen=True)

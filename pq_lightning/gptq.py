@@ -75,6 +75,7 @@ from .formats.base import check_finite
 from .formats.e2m1 import E2M1Table, e2m1_codes, e2m1_decode, e2m1_round
 from .formats.fp8 import fp8_round, weight_scale_from_amax
 from .formats.nvfp4 import GROUP_SIZE, NVFP4Weight, fp8_group_scales
+from .input_error import InputErrors, choose_target, compensated_target, full_output_errors
 from .kernels import triton_kernels_enabled
 
 __all__ = [
@@ -721,7 +722,16 @@ class GPTQConfig:
       (:func:`refine_nvfp4`); the refiner passes it. RTN picks are never refitted;
     * ``scale_search``: GPTQ candidates that pick their group scales in the loop (``gptq@d``) try
       the ``sweep_grid`` multipliers of each group's amax and keep the one with the least loss
-      after feedback (instead of the amax alone).
+      after feedback (instead of the amax alone);
+    * ``compensate_inputs``: where the Linear's input is quantized (W4A4) and the refiner passes its
+      input error, GPTQ and the sweep fit the weight that compensates for it
+      (:mod:`pq_lightning.input_error`: ``E‖W x − Ŵ x̂‖²`` instead of ``E‖(W − Ŵ) x̂‖²``), at the
+      ``compensate_damp`` damping of least held-out error, or not at all when no damping beats ``W``
+      on the held-out tokens; every candidate and the RTN gate are then scored on that error;
+    * ``scale_headroom``: NVFP4 candidates (RTN included, so fused siblings keep one scale) use the
+      weight global scale ``448·6 / (headroom · amax)``: a power of two, so RTN's served weight is the
+      same bit for bit, while the largest groups' FP8 scales get room for ``sweep_grid`` multipliers
+      above 1 (a group's largest value mapped to 4 instead of 6 with 1.5).
     """
 
     dampening: tuple[float, ...] = (0.03, 0.1)
@@ -729,15 +739,22 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     sweep: bool = True
-    sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
+    sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5)
     sweep_then_gptq: bool = True
     max_batch: int = 8
     refit: bool = True
     scale_search: bool = False
+    compensate_inputs: bool = False
+    compensate_damp: tuple[float, ...] = (0.01, 0.1, 1.0)
+    scale_headroom: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dampening", tuple(float(d) for d in self.dampening))
         object.__setattr__(self, "sweep_grid", tuple(float(m) for m in self.sweep_grid))
+        object.__setattr__(self, "compensate_damp", tuple(float(d) for d in self.compensate_damp))
+        if self.compensate_inputs and (not self.compensate_damp or any(
+                not (d >= 0 and math.isfinite(d)) for d in self.compensate_damp)):
+            raise ValueError(f"compensate_damp needs at least one finite value >= 0, got {self.compensate_damp}")
         if not self.dampening or any(not (d >= 0 and math.isfinite(d)) for d in self.dampening):
             raise ValueError(f"dampening needs at least one finite value >= 0, got {self.dampening}")
         if self.own_scale_dampening is not None:
@@ -749,6 +766,9 @@ class GPTQConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if any(not (m > 0 and math.isfinite(m)) for m in self.sweep_grid):
             raise ValueError(f"sweep_grid multipliers must be finite and > 0, got {self.sweep_grid}")
+        h = float(self.scale_headroom)
+        if not (h >= 1 and math.isfinite(h) and math.frexp(h)[0] == 0.5):
+            raise ValueError(f"scale_headroom must be a power of two >= 1 (1, 2, 4), got {self.scale_headroom}")
 
 
 @dataclass(frozen=True)
@@ -770,7 +790,9 @@ class RefineResult:
     ``"sweep+gptq@0.01"``…; ``failed`` candidates that could not be computed, with the reason.
     ``refit``: ``quantized`` is the chosen recipe solved again on the fit and held-out tokens
     together (:attr:`GPTQConfig.refit`); its errors are ``candidates["refit"]`` (the held-out one is
-    then in-sample), the gate's evidence stays under :attr:`key`.
+    then in-sample), the gate's evidence stays under :attr:`key`. ``target_damp``: the candidates
+    were fitted to the input-compensating target at this damping (:attr:`GPTQConfig.compensate_inputs`;
+    ``None``: to ``W``).
     """
 
     quantized: NVFP4Weight | dict[str, torch.Tensor]
@@ -780,6 +802,7 @@ class RefineResult:
     candidates: dict[str, CandidateError]
     failed: dict[str, str] = field(default_factory=dict)
     refit: bool = False
+    target_damp: float | None = None
 
     @property
     def key(self) -> str:
@@ -793,25 +816,34 @@ class RefineResult:
 
 
 class _Candidates:
-    """Collects candidates, scores them all in one pass (:func:`output_errors`), applies the RTN gate."""
+    """Collects candidates, scores them all in one pass (:func:`output_errors`), applies the RTN gate.
+    With ``input_errors`` every error is the one against the unquantized Linear on the unquantized
+    input (:func:`pq_lightning.input_error.full_output_errors`)."""
 
-    def __init__(self, W: torch.Tensor, H_fit: torch.Tensor, H_heldout: torch.Tensor) -> None:
+    def __init__(self, W: torch.Tensor, H_fit: torch.Tensor, H_heldout: torch.Tensor,
+                 input_errors: InputErrors | None = None) -> None:
         self.W, self.H_fit, self.H_heldout = W, H_fit, H_heldout
+        self.terms = None if input_errors is None else (input_errors.fit.terms(W), input_errors.heldout.terms(W))
         self.items: list[tuple[str, float | None, object, torch.Tensor]] = []
         self.failed: dict[str, str] = {}
+
+    def errors(self, W_hats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[len(W_hats), 2]`` fp64: each weight's fit and held-out error."""
+        base = output_errors(self.W, W_hats, [self.H_fit, self.H_heldout])
+        return base if self.terms is None else full_output_errors(self.W, base, W_hats, self.terms)
 
     def add(self, method: str, damp: float | None, quantized: object, w_hat: torch.Tensor) -> None:
         self.items.append((method, damp, quantized, w_hat))
 
     def refit(self, best: RefineResult, quantized: object, w_hat: torch.Tensor) -> None:
         """Replace ``best``'s weight by its refit and record the refit's errors under ``"refit"``."""
-        fit, held = output_errors(self.W, [w_hat], [self.H_fit, self.H_heldout])[0].tolist()
+        fit, held = self.errors([w_hat])[0].tolist()
         best.quantized, best.w_hat, best.refit = quantized, w_hat, True
         best.candidates["refit"] = CandidateError(fit=fit, heldout=held)
 
     def choose(self) -> RefineResult:
         """The least held-out error among candidates, kept only when strictly below RTN's."""
-        errs = output_errors(self.W, [item[3] for item in self.items], [self.H_fit, self.H_heldout]).tolist()
+        errs = self.errors([item[3] for item in self.items]).tolist()
         errors = {
             (m if d is None else f"{m}@{d:g}"): CandidateError(fit=e[0], heldout=e[1])
             for (m, d, _, _), e in zip(self.items, errs, strict=True)
@@ -841,6 +873,7 @@ def refine_nvfp4(
     config: GPTQConfig | None = None,
     factor_cache: dict | None = None,
     H_refit: torch.Tensor | None = None,
+    input_error: InputErrors | None = None,
 ) -> RefineResult:
     """RTN, GPTQ at each damping, the scale sweep and GPTQ under the swept scales at each damping
     (all GPTQ candidates in one batched column loop), fitted on ``H_fit``; the
@@ -850,18 +883,23 @@ def refine_nvfp4(
     see :func:`gptq_nvfp4_candidates` (fused siblings share ``H_fit`` and can share one).
     ``H_refit``: the input second moment of the fit and held-out tokens together (per token); with
     ``config.refit`` the chosen recipe is solved again on it (:attr:`RefineResult.refit`).
+    ``input_error``: the input's quantization error (:mod:`pq_lightning.input_error`); with
+    ``config.compensate_inputs`` every candidate but RTN is fitted to the compensating target, and
+    all are scored on the error against the unquantized Linear.
     """
     from .formats.nvfp4 import NVFP4
 
     config = config or GPTQConfig()
     Wf, H_fit = _check_inputs(W, H_fit, "refine_nvfp4")
     _, H_heldout = _check_inputs(W, H_heldout, "refine_nvfp4 (held-out)")
-    gs = global_scale.detach().float().reshape(1).to(Wf.device)
+    gs = global_scale.detach().float().reshape(1).to(Wf.device) / config.scale_headroom
     rtn = NVFP4().quantize(Wf, global_scale=gs)
-    cands = _Candidates(Wf, H_fit, H_heldout)
+    ie = input_error if config.compensate_inputs else None
+    cands = _Candidates(Wf, H_fit, H_heldout, ie)
     cands.add("rtn", None, rtn, rtn.dequantize())
+    T, t_damp = _target(Wf, H_fit, H_heldout, cands, config, factor_cache)
 
-    sw = scale_sweep_nvfp4(Wf, H_fit, global_scale=gs, grid=config.sweep_grid) if config.sweep else None
+    sw = scale_sweep_nvfp4(T, H_fit, global_scale=gs, grid=config.sweep_grid) if config.sweep else None
     swept_gptq = sw is not None and config.sweep_then_gptq
     own = config.dampening
     if swept_gptq:
@@ -870,7 +908,7 @@ def refine_nvfp4(
     if swept_gptq:
         members += [(d, sw.scale) for d in config.dampening]
     solved = gptq_nvfp4_candidates(
-        Wf, H_fit, global_scale=gs, candidates=members, block_size=config.block_size,
+        T, H_fit, global_scale=gs, candidates=members, block_size=config.block_size,
         act_order=config.act_order, max_batch=config.max_batch, factor_cache=factor_cache,
         search_grid=config.sweep_grid if config.scale_search else None,
     )
@@ -888,16 +926,18 @@ def refine_nvfp4(
             else:
                 cands.add("sweep+gptq", d, *res)
     best = cands.choose()
+    best.target_damp = t_damp
     if config.refit and H_refit is not None and best.method != "rtn":
         _, H_refit = _check_inputs(Wf, H_refit, "refine_nvfp4 (refit)")
+        T = _refit_target(Wf, H_refit, ie, t_damp, factor_cache)
         scale = None
         if best.method.startswith("sweep"):
-            swept = scale_sweep_nvfp4(Wf, H_refit, global_scale=gs, grid=config.sweep_grid)
+            swept = scale_sweep_nvfp4(T, H_refit, global_scale=gs, grid=config.sweep_grid)
             scale = swept.scale
         if best.method == "sweep":
             quantized, w_hat = swept, swept.dequantize()
         else:
-            (res,) = gptq_nvfp4_candidates(Wf, H_refit, global_scale=gs, candidates=[(best.damp, scale)],
+            (res,) = gptq_nvfp4_candidates(T, H_refit, global_scale=gs, candidates=[(best.damp, scale)],
                                            block_size=config.block_size, act_order=config.act_order,
                                            search_grid=config.sweep_grid if config.scale_search else None)
             if isinstance(res, ValueError):  # cannot be: the damped H_fit + H_heldout is a larger PD matrix
@@ -915,8 +955,10 @@ def refine_fp8(
     *,
     config: GPTQConfig | None = None,
     H_refit: torch.Tensor | None = None,
+    input_error: InputErrors | None = None,
 ) -> RefineResult:
-    """RTN vs GPTQ (each damping) for FP8 per-channel, with the same held-out gate (and refit) as NVFP4."""
+    """RTN vs GPTQ (each damping) for FP8 per-channel, with the same held-out gate (and refit) and
+    input compensation as NVFP4 (GPTQ takes its row scales from the weight it fits)."""
     from .formats.fp8 import FP8
 
     config = config or GPTQConfig()
@@ -924,18 +966,45 @@ def refine_fp8(
     _, H_heldout = _check_inputs(W, H_heldout, "refine_fp8 (held-out)")
     fmt = FP8()
     rtn = fmt.pack(Wf)
-    cands = _Candidates(Wf, H_fit, H_heldout)
+    ie = input_error if config.compensate_inputs else None
+    cands = _Candidates(Wf, H_fit, H_heldout, ie)
     cands.add("rtn", None, rtn, fmt.unpack(rtn))
+    T, t_damp = _target(Wf, H_fit, H_heldout, cands, config, None)
     for d in config.dampening:
         try:
-            t = gptq_fp8(Wf, H_fit, damp=d, block_size=config.block_size, act_order=config.act_order)
+            t = gptq_fp8(T, H_fit, damp=d, block_size=config.block_size, act_order=config.act_order)
         except ValueError as e:
             cands.failed[f"gptq@{d:g}"] = str(e)
             continue
         cands.add("gptq", d, t, fmt.unpack(t))
     best = cands.choose()
+    best.target_damp = t_damp
     if config.refit and H_refit is not None and best.method != "rtn":
         _, H_refit = _check_inputs(Wf, H_refit, "refine_fp8 (refit)")
-        t = gptq_fp8(Wf, H_refit, damp=best.damp, block_size=config.block_size, act_order=config.act_order)
+        t = gptq_fp8(_refit_target(Wf, H_refit, ie, t_damp, None), H_refit, damp=best.damp, block_size=config.block_size,
+                     act_order=config.act_order)
         cands.refit(best, t, fmt.unpack(t))
     return best
+
+
+def _target(W: torch.Tensor, H_fit: torch.Tensor, H_heldout: torch.Tensor, cands: _Candidates,
+            config: GPTQConfig, cache: dict | None) -> tuple[torch.Tensor, float | None]:
+    """What the candidates are fitted to: ``W``, or its input-compensating target when that has the
+    lower held-out error (:func:`pq_lightning.input_error.choose_target`); ``cache``: the siblings'
+    shared factor cache."""
+    if cands.terms is None:
+        return W, None
+    fit, held = cands.terms
+    chol = None if cache is None else cache.setdefault("input_error_fit", {})
+    return choose_target(W, H_fit, fit, H_heldout, held, config.compensate_damp, chol)
+
+
+def _refit_target(W: torch.Tensor, H_refit: torch.Tensor, ie: InputErrors | None, damp: float | None,
+                  cache: dict | None) -> torch.Tensor:
+    """The refit's target: the chosen damping's compensating target on all calibration tokens."""
+    if ie is None or damp is None:
+        return W
+    if ie.refit is None:
+        raise ValueError("refit with input compensation needs the pooled input error (InputErrors.refit)")
+    chol = None if cache is None else cache.setdefault("input_error_refit", {})
+    return compensated_target(W, H_refit, W.float() @ ie.refit.cross.to(W.device).float(), damp, chol)

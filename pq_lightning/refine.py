@@ -115,7 +115,8 @@ from .architectures import fused_groups, model_type_of
 from .flops import FlopTally, count_flops, not_counted
 from .formats import get_format
 from .formats.base import QuantFormat
-from .gptq import _PANEL, GPTQConfig, output_error
+from .gptq import _PANEL, GPTQConfig, output_error, output_errors
+from .input_error import InputErrors, InputErrorSums, full_output_errors
 from .models import language_model_layers
 from .streaming import streamer_of
 
@@ -136,6 +137,9 @@ class LinearDecision:
     by RTN (FP8 by default), unless the walk runs with ``rtn_errors``. ``refit``: the
     packed weight is that recipe solved again on the fit and held-out tokens together
     (:attr:`~pq_lightning.gptq.GPTQConfig.refit`); its errors are ``errors["refit"]`` (in-sample).
+    ``target_damp``: the candidates were fitted to the input-compensating target at that damping
+    (:attr:`~pq_lightning.gptq.GPTQConfig.compensate_inputs`; then every error is the one against the
+    unquantized Linear on the unquantized input); ``None``: to the weight itself.
     """
 
     name: str
@@ -146,6 +150,7 @@ class LinearDecision:
     heldout_rtn: float | None
     heldout_chosen: float | None
     refit: bool = False
+    target_damp: float | None = None
 
 
 @dataclass
@@ -391,6 +396,7 @@ class _GroupStats:
         # inputs kept by the amax pass (and their splits), so the Hessian needs no second pass
         self.kept: ActivationStore | None = None
         self.kept_splits: list[str] = []
+        self.errors: InputErrorSums | None = None  # the input's quantization error, when compensated
 
     def observe_amax(self, module: nn.Module, args: tuple) -> None:
         a = args[0].detach().abs().amax().float()
@@ -421,7 +427,10 @@ class _GroupStats:
             self.take_kept().close()
 
     def _add(self, split: str, x: torch.Tensor) -> None:
-        _accumulate(self.H, self.n, split, self.quantize_input(x))
+        xq = self.quantize_input(x)
+        _accumulate(self.H, self.n, split, xq)
+        if self.errors is not None:
+            self.errors.add(split, x, xq)
 
 
 def _accumulate(H: dict, n: dict, split: str, xq: torch.Tensor) -> None:
@@ -450,6 +459,12 @@ def _mirror_upper_(H: torch.Tensor) -> torch.Tensor:
     for j0 in range(_PANEL, n, _PANEL):
         H[j0 : j0 + _PANEL, :j0] = H[:j0, j0 : j0 + _PANEL].T
     return H
+
+
+def compensates(config: GPTQConfig, fmt: QuantFormat) -> bool:
+    """Whether a measured group of ``fmt`` collects its input error: the config asks for input
+    compensation and the format quantizes its input (W4A4 NVFP4, W8A8 FP8)."""
+    return config.compensate_inputs and fmt.quantizes_activations
 
 
 def _input_quantizer(fmt: QuantFormat, igs: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -487,8 +502,14 @@ def _rtn(fmt: QuantFormat, W: torch.Tensor, gs: torch.Tensor | None) -> tuple[di
     return packed, fmt.unpack(packed).float()
 
 
-def _errors(W: torch.Tensor, w_hat: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor) -> dict[str, float]:
-    return {"fit": output_error(W, w_hat, H_fit), "heldout": output_error(W, w_hat, H_held)}
+def _errors(W: torch.Tensor, w_hat: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor,
+            input_error: InputErrors | None) -> dict[str, float]:
+    if input_error is None:
+        return {"fit": output_error(W, w_hat, H_fit), "heldout": output_error(W, w_hat, H_held)}
+    base = output_errors(W, [w_hat], [H_fit, H_held])
+    terms = [input_error.fit.terms(W), input_error.heldout.terms(W)]
+    fit, held = full_output_errors(W, base, [w_hat], terms)[0].tolist()
+    return {"fit": fit, "heldout": held}
 
 
 def _decide(
@@ -504,9 +525,11 @@ def _decide(
     fp8_gptq: bool,
     factor_cache: dict | None = None,
     H_refit: torch.Tensor | None = None,
+    input_error: InputErrors | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, LinearDecision]:
     """Packed tensors, served weight (fp32) and the decision record of one quantized Linear
-    (``H_fit`` ``None``: RTN, not measured)."""
+    (``H_fit`` ``None``: RTN, not measured; ``input_error``: errors against the unquantized Linear,
+    and the input compensation of :attr:`GPTQConfig.compensate_inputs`)."""
     Wf = W.detach().float()
     res = None
     if H_fit is None:
@@ -514,16 +537,17 @@ def _decide(
         return packed, w_hat, LinearDecision(name, fmt.name, "rtn", None, {}, None, None)
     if gptq and (fmt.refine_by_default or fp8_gptq):
         res = fmt.refine(Wf, H_fit, H_held, config=config, global_scale=gs, factor_cache=factor_cache,
-                         H_refit=H_refit)
+                         H_refit=H_refit, input_error=input_error)
     if res is not None:
         packed, w_hat = fmt.pack_quantized(res.quantized), res.w_hat
     else:  # no refinement asked for, or the format has none
         packed, w_hat = _rtn(fmt, Wf, gs)
-        errs = _errors(Wf, w_hat, H_fit, H_held)
+        errs = _errors(Wf, w_hat, H_fit, H_held, input_error if config.compensate_inputs else None)
         return packed, w_hat, LinearDecision(name, fmt.name, "rtn", None, {"rtn": errs}, errs["heldout"], errs["heldout"])
     errors = {k: {"fit": c.fit, "heldout": c.heldout} for k, c in res.candidates.items()}
     return packed, w_hat, LinearDecision(
-        name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"], errors[res.key]["heldout"], res.refit
+        name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"], errors[res.key]["heldout"], res.refit,
+        res.target_damp,
     )
 
 
@@ -1004,8 +1028,8 @@ class _Walk:
 
     def _measured_members(self, step, group, fmt, stats, gs) -> dict[str, tuple]:
         """The group's Hessians reduced and scaled per token, then every member decided on them."""
-        H_fit, H_held, n_fit, n_held = _reduced_hessians(stats, step, group, self.device, self.distributed,
-                                                         self.process_group)
+        H_fit, H_held, n_fit, n_held, err_sums = _reduced_hessians(stats, step, group, self.device, self.distributed,
+                                                                   self.process_group)
         if self.keep_hessians:
             self.out.hessians[tuple(group)] = {
                 "fit": H_fit.cpu().clone(), "n_fit": n_fit, "heldout": H_held.cpu().clone(), "n_heldout": n_held,
@@ -1014,7 +1038,8 @@ class _Walk:
         H_refit = (H_fit + H_held) / (n_fit + n_held) if self.gptq and self.config.refit and n_held else None
         H_fit = H_fit / n_fit
         H_held = H_held / n_held if n_held else H_fit
-        return self._decide_members(step, group, fmt, H_fit, H_held, H_refit, gs)
+        ie = None if err_sums is None else InputErrorSums.per_token(err_sums, n_fit, n_held, H_refit is not None)
+        return self._decide_members(step, group, fmt, H_fit, H_held, H_refit, gs, ie)
 
     def _statistics(self, step: _LayerStep, group: Sequence[str], fmt: QuantFormat, *, hessians: bool) -> _GroupStats:
         """Input amax (first, when the format calibrates a static input scale) and, with ``hessians``,
@@ -1033,13 +1058,15 @@ class _Walk:
             igs = fmt.calibrate_input_global_scale(stats.amax)
             stats.track_amax_in_hessian_pass = False
         stats.quantize_input = _input_quantizer(fmt, igs)
+        if hessians and compensates(self.config, fmt):
+            stats.errors = InputErrorSums()
         if kept:
             stats.accumulate_kept()  # the inputs stay kept until the group is decided (_group)
         elif hessians:
             step.run_group_pass(group, stats.accumulate)
         return stats
 
-    def _decide_members(self, step, group, fmt, H_fit, H_held, H_refit, gs) -> dict[str, tuple]:
+    def _decide_members(self, step, group, fmt, H_fit, H_held, H_refit, gs, ie) -> dict[str, tuple]:
         """Packed tensors, served weight and decision of every member; under ranks each member is
         decided by its owner and broadcast, so every rank holds the same bits."""
         owner = (self.owners.assign({m: tuple(step.linears[m].weight.shape) for m in group})
@@ -1052,7 +1079,7 @@ class _Walk:
             with not_counted():  # a solve per Linear: not part of the cost per token
                 packed, w_hat, decision = _decide(
                     m, fmt, step.linears[m].weight, H_fit, H_held, gs, config=self.config, gptq=self.gptq,
-                    fp8_gptq=self.fp8_gptq, factor_cache=factors, H_refit=H_refit,
+                    fp8_gptq=self.fp8_gptq, factor_cache=factors, H_refit=H_refit, input_error=ie,
                 )
             decided[m] = (packed, w_hat, decision)  # moved to the CPU once put in self.out
         if not self.distributed:
@@ -1086,8 +1113,9 @@ def _reduced_hessians(
     device: torch.device,
     distributed: bool,
     process_group: Any,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Summed fit / held-out Hessians and token counts (all-reduced), and the amax (all-reduced)."""
+) -> tuple[torch.Tensor, torch.Tensor, int, int, list[torch.Tensor] | None]:
+    """Summed fit / held-out Hessians and token counts (all-reduced), the amax (all-reduced) and the
+    input error sums (:meth:`InputErrorSums.tensors`, all-reduced) when the group has them."""
     n_in = step.linears[group[0]].in_features
     H = [
         stats.H[s] if stats.H[s] is not None else torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
@@ -1095,11 +1123,13 @@ def _reduced_hessians(
     ]
     H = [_mirror_upper_(h) for h in H]
     ns = torch.tensor([float(stats.n["fit"]), float(stats.n["heldout"])], dtype=torch.float64)
+    errs = None if stats.errors is None else stats.errors.tensors(n_in, device)
     if distributed:
-        H[0], H[1], ns = _all_reduce([H[0], H[1], ns], "sum", process_group)
+        H[0], H[1], ns, *rest = _all_reduce([H[0], H[1], ns, *(errs or [])], "sum", process_group)
+        errs = rest or None
         if stats.track_amax_in_hessian_pass:
             (stats.amax,) = _all_reduce([stats.amax], "max", process_group)
-    return H[0], H[1], int(round(float(ns[0]))), int(round(float(ns[1])))
+    return H[0], H[1], int(round(float(ns[0]))), int(round(float(ns[1]))), errs
 
 
 def _check_plan(model: nn.Module, plan: Mapping[str, str], layers_name: str) -> dict[str, QuantFormat]:

@@ -51,6 +51,7 @@ from .architectures import fused_groups, model_type_of
 from .flops import FlopTally, count_flops, not_counted
 from .formats.base import QuantFormat
 from .gptq import GPTQConfig
+from .input_error import InputErrors, InputErrorSums
 from .models import language_model_layers
 from .refine import (
     FLOP_SAMPLE_STRIDE,
@@ -66,6 +67,7 @@ from .refine import (
     _run_layer,
     _totals,
     _Walk,
+    compensates,
 )
 
 __all__ = ["WalkPlan", "refine_plans"]
@@ -116,11 +118,13 @@ class _Variant:
 class _VariantStats:
     """Input amax and fit / held-out Hessians of one variant, from the unfolded input ``x``."""
 
-    def __init__(self, fmt: QuantFormat, s: torch.Tensor | None, *, hessians: bool) -> None:
+    def __init__(self, fmt: QuantFormat, s: torch.Tensor | None, *, hessians: bool, input_error: bool = False) -> None:
         self.fmt, self.s, self.hessians = fmt, s, hessians
         self.amax: torch.Tensor | None = None
         self.H: dict[str, torch.Tensor | None] = {"fit": None, "heldout": None}
         self.n = {"fit": 0, "heldout": 0}
+        self.errors = InputErrorSums() if hessians and input_error else None
+        self.error_sums: list[torch.Tensor] | None = None  # the errors' reduced sums
         # a static input scale is known only once every window's amax is: until then, nothing to quantize with
         self.quantize: Callable[[torch.Tensor], torch.Tensor] | None = (
             None if fmt.static_input_scale else _input_quantizer(fmt, None))
@@ -143,14 +147,20 @@ class _VariantStats:
         self._add(split, self.scaled(x))
 
     def _add(self, split: str, xs: torch.Tensor) -> None:
-        _accumulate(self.H, self.n, split, self.quantize(xs))
+        xq = self.quantize(xs)
+        _accumulate(self.H, self.n, split, xq)
+        if self.errors is not None:
+            self.errors.add(split, xs, xq)
 
-    def per_token(self, refit: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``H_fit / n_fit``, ``H_heldout / n_heldout`` and, with ``refit``, their pooled mean."""
+    def per_token(self, refit: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, InputErrors | None]:
+        """``H_fit / n_fit``, ``H_heldout / n_heldout``, with ``refit`` their pooled mean, and the
+        input error per token (``None`` unless collected)."""
         H_fit, H_held = self.H["fit"], self.H["heldout"]
         n_fit, n_held = self.n["fit"], self.n["heldout"]
         H_refit = (H_fit + H_held) / (n_fit + n_held) if refit and n_held else None
-        return H_fit / n_fit, (H_held / n_held if n_held else H_fit / n_fit), H_refit
+        ie = (None if self.error_sums is None
+              else InputErrorSums.per_token(self.error_sums, n_fit, n_held, H_refit is not None))
+        return H_fit / n_fit, (H_held / n_held if n_held else H_fit / n_fit), H_refit, ie
 
 
 @dataclass
@@ -252,7 +262,7 @@ class _SharedWalk(_Walk):
         for per_plan in wanted:
             for _, fmt, v, s, measured in per_plan:
                 if v is not None and v not in stats:
-                    stats[v] = _VariantStats(fmt, s, hessians=measured)
+                    stats[v] = _VariantStats(fmt, s, hessians=measured, input_error=compensates(self.config, fmt))
         calls = [w[li] for w in self.windows]
         next_hidden = self._passes(layer, linears, calls, stats, last=last)
         if next_hidden is not None:
@@ -369,12 +379,19 @@ class _SharedWalk(_Walk):
                                else torch.zeros(n_in, n_in, dtype=torch.float32, device=self.device))
             flat += [st.H["fit"], st.H["heldout"], torch.tensor([float(st.n["fit"]), float(st.n["heldout"])],
                                                                 dtype=torch.float64)]
+            if st.errors is not None:
+                st.error_sums = st.errors.tensors(n_in, self.device)
+                flat += st.error_sums
         if not (self.distributed and measured):
             return
         flat = _all_reduce(flat, "sum", self.process_group)
-        for k, st in enumerate(measured):
-            st.H["fit"], st.H["heldout"], ns = flat[3 * k : 3 * k + 3]
+        k = 0
+        for st in measured:
+            st.H["fit"], st.H["heldout"], ns = flat[k : k + 3]
             st.n = {"fit": int(round(float(ns[0]))), "heldout": int(round(float(ns[1])))}
+            k += 3
+            if st.error_sums is not None:
+                st.error_sums, k = flat[k : k + 4], k + 4
 
     def _jobs(self, linears, wanted) -> dict[tuple, _Job]:
         """Every distinct decision of the layer, with the plans that want it."""
@@ -425,10 +442,11 @@ class _SharedWalk(_Walk):
                 packed, _, decision = _decide(job.member, job.fmt, job.weight, None, None, job.gs,
                                               config=self.config, gptq=False, fp8_gptq=False)
             else:
-                H_fit, H_held, H_refit = st.per_token(self.gptq and self.config.refit)
+                H_fit, H_held, H_refit, ie = st.per_token(self.gptq and self.config.refit)
                 packed, _, decision = _decide(job.member, job.fmt, job.weight, H_fit, H_held, job.gs,
                                               config=self.config, gptq=self.gptq, fp8_gptq=self.fp8_gptq,
-                                              factor_cache=factors.setdefault(job.variant, {}), H_refit=H_refit)
+                                              factor_cache=factors.setdefault(job.variant, {}), H_refit=H_refit,
+                                              input_error=ie)
         return {k: v.detach().cpu() for k, v in packed.items()}, decision
 
 

@@ -372,7 +372,9 @@ def _gptq_config(cfg: RefineConfig):
     from .gptq import GPTQConfig
 
     return GPTQConfig(dampening=cfg.dampening, own_scale_dampening=cfg.own_scale_dampening,  # tuples made there
-                      block_size=cfg.block_size, act_order=cfg.act_order, sweep=cfg.sweep, refit=cfg.refit)
+                      block_size=cfg.block_size, act_order=cfg.act_order, sweep=cfg.sweep, refit=cfg.refit,
+                      compensate_inputs=cfg.compensate_inputs, compensate_damp=cfg.compensate_damp,
+                      sweep_grid=cfg.sweep_grid, scale_headroom=cfg.scale_headroom)
 
 
 def _refiner_kwargs(run: StageRunner, loaded: LoadedModel, cfg: RefineConfig) -> dict:

@@ -210,8 +210,9 @@ def test_gate_reverts_to_rtn_when_gptq_overfits():
     gs = NVFP4.global_scale(W)
     H_fit = _hessian(_tokens(8, _mixing(1), seed=20))  # rank 8 << in_features
     H_held = _hessian(torch.randn(2048, IN))  # a different (isotropic) distribution
-    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(own_scale_dampening=(0.01, 0.03, 0.1)))
-    rtn = NVFP4.quantize(W, global_scale=gs)
+    cfg = GPTQConfig(dampening=(0.01, 0.03, 0.1), sweep=False)  # the sweep (per group) does not overfit here
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=cfg)
+    rtn = NVFP4.quantize(W, global_scale=gs / cfg.scale_headroom)
     for d in (0.01, 0.03, 0.1):  # GPTQ fits the 8 directions and is worse on held-out data
         assert res.candidates[f"gptq@{d:g}"].fit < res.candidates["rtn"].fit
         assert res.candidates[f"gptq@{d:g}"].heldout > res.candidates["rtn"].heldout
@@ -220,7 +221,7 @@ def test_gate_reverts_to_rtn_when_gptq_overfits():
     assert torch.equal(res.w_hat, rtn.dequantize())
     assert res.heldout_gain == 0.0
     # RTN kept: nothing to refit, the same bits with an H_refit given
-    again = refine_nvfp4(W, H_fit, H_held, global_scale=gs, H_refit=(H_fit + H_held) / 2)
+    again = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=cfg, H_refit=(H_fit + H_held) / 2)
     assert not again.refit and "refit" not in again.candidates and _same_nvfp4(again.quantized, rtn)
 
 
@@ -233,9 +234,11 @@ def test_refit_solves_the_chosen_recipe_on_all_tokens(correlated):
     res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, H_refit=H_all)
     assert (res.method, res.damp) == (plain.method, plain.damp) and res.method.endswith("gptq")
     assert {k: v for k, v in res.candidates.items() if k != "refit"} == plain.candidates
-    scale = scale_sweep_nvfp4(W, H_all, global_scale=gs).scale if res.method == "sweep+gptq" else None
     cfg = GPTQConfig()
-    want = gptq_nvfp4(W, H_all, global_scale=gs, damp=res.damp, scale=scale, act_order=cfg.act_order,
+    gs_used = gs / cfg.scale_headroom  # every candidate's weight global scale
+    scale = (scale_sweep_nvfp4(W, H_all, global_scale=gs_used, grid=cfg.sweep_grid).scale
+             if res.method == "sweep+gptq" else None)
+    want = gptq_nvfp4(W, H_all, global_scale=gs_used, damp=res.damp, scale=scale, act_order=cfg.act_order,
                       search_grid=cfg.sweep_grid if cfg.scale_search else None)
     assert res.refit and _same_nvfp4(res.quantized, want) and torch.equal(res.w_hat, want.dequantize())
     assert not _same_nvfp4(res.quantized, plain.quantized)
@@ -522,3 +525,32 @@ def test_non_finite_and_bad_arguments_raise_clear_errors(correlated):
         gptq_nvfp4(W, H_fit, global_scale=gs, scale=torch.ones(OUT, IN // 16))
     with pytest.raises(ValueError, match="damping"):
         gptq_nvfp4(W, H_fit, global_scale=gs, damp=-1.0)
+
+
+# ---- weight global scale headroom --------------------------------------------------------------
+def test_headroom_keeps_rtn_and_frees_the_largest_groups_scales(correlated):
+    W, H_fit, H_held, gs = correlated
+    # a power of two: the same served weight under RTN, scales halved exactly
+    plain, roomy = NVFP4.quantize(W, global_scale=gs), NVFP4.quantize(W, global_scale=gs / 2)
+    assert torch.equal(plain.dequantize(), roomy.dequantize()) and torch.equal(plain.codes, roomy.codes)
+    assert torch.equal(roomy.scale.float() * 2, plain.scale.float())
+    # the group holding the tensor's amax: without headroom its FP8 scale is at 448 and a multiplier
+    # of 1.5 clamps back to it; with it, the scale takes 1.5x (its largest value maps to 4)
+    amax = W.unflatten(-1, (-1, 16)).abs().amax(-1)
+    top = amax == amax.max()
+    assert bool((fp8_group_scales(amax * 1.5, gs).float()[top] == 448).all())
+    assert torch.allclose(fp8_group_scales(amax * 1.5, gs / 2).float()[top], (gs / 2 * amax[top] * 1.5 / 6), rtol=0.07)
+    old = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)  # the grid and scale before the headroom
+    grid = GPTQConfig().sweep_grid
+    assert grid == old + (1.3, 1.4, 1.5) and GPTQConfig().scale_headroom == 2.0  # the defaults
+    base = refine_nvfp4(W, H_fit, H_held, global_scale=gs,
+                        config=GPTQConfig(refit=False, sweep_grid=old, scale_headroom=1.0))
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(refit=False))
+    assert torch.equal(res.quantized.global_scale, gs / 2)  # every candidate's, so siblings share it
+    assert res.candidates["rtn"] == base.candidates["rtn"]
+    # the sweep is a brute-force minimum over more candidates: never worse per group
+    e_base = group_output_error(W, scale_sweep_nvfp4(W, H_fit, global_scale=gs, grid=old).dequantize(), H_fit)
+    e_room = group_output_error(W, scale_sweep_nvfp4(W, H_fit, global_scale=gs / 2, grid=grid).dequantize(), H_fit)
+    assert bool((e_room <= e_base * (1 + 1e-9)).all()) and float(e_room.sum()) < float(e_base.sum())
+    with pytest.raises(ValueError, match="power of two"):
+        GPTQConfig(scale_headroom=3.0)

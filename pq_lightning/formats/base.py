@@ -40,6 +40,7 @@ from .compact import CompactWeight
 
 if TYPE_CHECKING:  # gptq imports the formats: a type-only import avoids the cycle
     from ..gptq import GPTQConfig, RefineResult
+    from ..input_error import InputErrors
 
 Shape = Sequence[int]
 
@@ -181,12 +182,14 @@ class QuantFormat(ABC):
         global_scale: torch.Tensor | None = None,
         factor_cache: dict | None = None,
         H_refit: torch.Tensor | None = None,
+        input_error: InputErrors | None = None,
     ) -> RefineResult | None:
         """GPTQ-style candidates for ``w`` fitted on ``H_fit`` and gated against RTN on ``H_heldout``
         (per-token input second moments of the served input), or ``None``: the format has no
         refinement and the refiner keeps RTN. ``global_scale``: the siblings' shared weight scale
         (``shares_global_scale``); ``factor_cache``: shared by siblings with one ``H_fit``;
-        ``H_refit``: all calibration tokens, for :attr:`GPTQConfig.refit`."""
+        ``H_refit``: all calibration tokens, for :attr:`GPTQConfig.refit`; ``input_error``: the
+        served input's quantization error, for :attr:`GPTQConfig.compensate_inputs`."""
         return None
 
     def weight_mse(self, w: torch.Tensor) -> float:

@@ -23,6 +23,7 @@ from .compact import CompactWeight
 
 if TYPE_CHECKING:
     from ..gptq import GPTQConfig, RefineResult
+    from ..input_error import InputErrors
 
 FP8_E4M3_MAX = 448.0
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -112,11 +113,12 @@ class FP8(QuantFormat):
         global_scale: torch.Tensor | None = None,
         factor_cache: dict | None = None,
         H_refit: torch.Tensor | None = None,
+        input_error: InputErrors | None = None,
     ) -> RefineResult:
         """RTN against GPTQ at each damping under the RTN row scales (:func:`pq_lightning.gptq.refine_fp8`)."""
         from ..gptq import refine_fp8
 
-        return refine_fp8(w, H_fit, H_heldout, config=config, H_refit=H_refit)
+        return refine_fp8(w, H_fit, H_heldout, config=config, H_refit=H_refit, input_error=input_error)
 
     def fake_quant_activation(
         self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None

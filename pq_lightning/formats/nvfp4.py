@@ -29,6 +29,7 @@ from .e2m1 import E2M1_MAX, e2m1_codes, e2m1_decode, e2m1_round, pack_codes, unp
 
 if TYPE_CHECKING:
     from ..gptq import GPTQConfig, RefineResult
+    from ..input_error import InputErrors
 
 FP8_E4M3_MAX = 448.0
 #: What compressed-tensors puts in place of a zero FP8 scale (``finfo(float8_e4m3fn).eps``).
@@ -214,13 +215,14 @@ class NVFP4(QuantFormat):
         global_scale: torch.Tensor | None = None,
         factor_cache: dict | None = None,
         H_refit: torch.Tensor | None = None,
+        input_error: InputErrors | None = None,
     ) -> RefineResult:
         """RTN, GPTQ at each damping and the scale sweep (:func:`pq_lightning.gptq.refine_nvfp4`)."""
         from ..gptq import refine_nvfp4
 
         gs = self.global_scale(w) if global_scale is None else global_scale
         return refine_nvfp4(w, H_fit, H_heldout, global_scale=gs, config=config, factor_cache=factor_cache,
-                            H_refit=H_refit)
+                            H_refit=H_refit, input_error=input_error)
 
     # ---- activations ---------------------------------------------------------------------
     def calibrate_input_global_scale(self, amax: torch.Tensor | float) -> torch.Tensor | None:
