@@ -116,8 +116,8 @@ class RefineConfig:
     walk: Literal["sequential", "shared"] = "sequential"
     compensate_inputs: bool = False
     compensate_damp: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    sweep_grid: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5])
-    scale_headroom: float = 2.0
+    sweep_grid: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2])
+    scale_headroom: float = 1.0
 
     def __post_init__(self) -> None:
         if self.walk not in ("sequential", "shared"):

@@ -731,7 +731,9 @@ class GPTQConfig:
     * ``scale_headroom``: NVFP4 candidates (RTN included, so fused siblings keep one scale) use the
       weight global scale ``448·6 / (headroom · amax)``: a power of two, so RTN's served weight is the
       same bit for bit, while the largest groups' FP8 scales get room for ``sweep_grid`` multipliers
-      above 1 (a group's largest value mapped to 4 instead of 6 with 1.5).
+      above 1 (a group's largest value mapped to 4 instead of 6 with 1.5). Off by default: with
+      ``sweep_grid`` up to 1.5 it lowered SmolLM2's 4.5-bpp KL but raised Gemma-3-270M's ``kl_conf``
+      (README, quality levers).
     """
 
     dampening: tuple[float, ...] = (0.03, 0.1)
@@ -739,14 +741,14 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     sweep: bool = True
-    sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5)
+    sweep_grid: tuple[float, ...] = (0.80, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
     sweep_then_gptq: bool = True
     max_batch: int = 8
     refit: bool = True
     scale_search: bool = False
     compensate_inputs: bool = False
     compensate_damp: tuple[float, ...] = (0.01, 0.1, 1.0)
-    scale_headroom: float = 2.0
+    scale_headroom: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dampening", tuple(float(d) for d in self.dampening))

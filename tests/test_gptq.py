@@ -540,12 +540,12 @@ def test_headroom_keeps_rtn_and_frees_the_largest_groups_scales(correlated):
     top = amax == amax.max()
     assert bool((fp8_group_scales(amax * 1.5, gs).float()[top] == 448).all())
     assert torch.allclose(fp8_group_scales(amax * 1.5, gs / 2).float()[top], (gs / 2 * amax[top] * 1.5 / 6), rtol=0.07)
-    old = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)  # the grid and scale before the headroom
-    grid = GPTQConfig().sweep_grid
-    assert grid == old + (1.3, 1.4, 1.5) and GPTQConfig().scale_headroom == 2.0  # the defaults
-    base = refine_nvfp4(W, H_fit, H_held, global_scale=gs,
-                        config=GPTQConfig(refit=False, sweep_grid=old, scale_headroom=1.0))
-    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(refit=False))
+    old = GPTQConfig().sweep_grid  # the defaults: no headroom
+    assert old == (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2) and GPTQConfig().scale_headroom == 1.0
+    grid = old + (1.3, 1.4, 1.5)
+    base = refine_nvfp4(W, H_fit, H_held, global_scale=gs, config=GPTQConfig(refit=False))
+    res = refine_nvfp4(W, H_fit, H_held, global_scale=gs,
+                       config=GPTQConfig(refit=False, sweep_grid=grid, scale_headroom=2.0))
     assert torch.equal(res.quantized.global_scale, gs / 2)  # every candidate's, so siblings share it
     assert res.candidates["rtn"] == base.candidates["rtn"]
     # the sweep is a brute-force minimum over more candidates: never worse per group
