@@ -42,6 +42,12 @@ DEFAULT_FUSED = _LLAMA
 GATED_MLP: dict[str, tuple[str, str, str] | None] = {"phi3": None}
 DEFAULT_GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
+#: Attention as (v, o) suffixes: ``o``'s input is softmax-weighted sums of ``v``'s output rows, so a scale
+#: per (kv head, head dim) folds into ``v``'s rows (activation smoothing; exact only when nothing between
+#: them acts across a head's channels, which smoothing checks on the logits).
+ATTENTION_VO: dict[str, tuple[str, str] | None] = {"phi3": None}
+DEFAULT_ATTENTION_VO = ("self_attn.v_proj", "self_attn.o_proj")
+
 
 def fused_siblings(model_type: str | None) -> tuple[tuple[str, ...], ...]:
     return FUSED_SIBLINGS.get((model_type or "").lower(), DEFAULT_FUSED)
@@ -49,6 +55,10 @@ def fused_siblings(model_type: str | None) -> tuple[tuple[str, ...], ...]:
 
 def gated_mlp(model_type: str | None) -> tuple[str, str, str] | None:
     return GATED_MLP.get((model_type or "").lower(), DEFAULT_GATED_MLP)
+
+
+def attention_vo(model_type: str | None) -> tuple[str, str] | None:
+    return ATTENTION_VO.get((model_type or "").lower(), DEFAULT_ATTENTION_VO)
 
 
 def model_type_of(model) -> str | None:

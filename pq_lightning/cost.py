@@ -38,6 +38,8 @@ class LinearCost:
     mse: dict[str, float] = field(default_factory=dict)
     #: Formats the Linear's shape cannot take, with the reason (reported, then excluded).
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: Format -> the factor its ``dloss`` was scaled by for the smoothing fold it will carry (:func:`price_folds`).
+    fold_ratio: dict[str, float] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -114,3 +116,26 @@ def compute_costs(
             c.dloss[fmt.name], c.mse[fmt.name] = _dloss(estimator, fmt.name, w, fmt.fake_quant(w), s)
         costs[name] = c
     return costs
+
+
+def price_folds(costs: Mapping[str, LinearCost], fmt_name: str, ratios: Mapping[str, float]) -> int:
+    """Scale each Linear's predicted ``Δloss`` under ``fmt_name`` by ``ratios[name]``, the ratio of its
+    quantized output error with and without the smoothing fold it gets in that format
+    (:func:`pq_lightning.smooth.fold_gains`); the number of Linears repriced.
+
+    The probe measures every format on the unfolded model, but a W4A4 Linear is exported behind its fold:
+    without this the allocator prices NVFP4 too dear exactly where smoothing helps. Only the ``output``
+    estimator should take it: the ratio is of the weight-and-activation error that estimator measures,
+    while ``trace`` / ``diag`` price the weight error alone (which a fold raises).
+    """
+    n = 0
+    for name, ratio in ratios.items():
+        c = costs.get(name)
+        if c is None or fmt_name not in c.dloss:
+            continue
+        if not ratio >= 0:
+            raise ValueError(f"fold ratio of {name} under {fmt_name} is {ratio}; it must be a non-negative number")
+        c.dloss[fmt_name] *= ratio
+        c.fold_ratio[fmt_name] = ratio
+        n += 1
+    return n

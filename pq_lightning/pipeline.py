@@ -159,7 +159,7 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
     outputs.check_inputs(labels, inputs, overwrite=overwrite)  # before the probe: refuse what would be lost
     probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=estimator == "output", cfg=probe,
                           smooth=smooth, trainer=trainer)
-    costs = stages.cost(run, body, probed, formats=formats, estimator=estimator)
+    costs = stages.cost(run, loaded, body, probed, cal, formats=formats, estimator=estimator, smooth=smooth)
     plans = stages.plan(run, loaded, costs, targets=targets, formats=formats, estimator=estimator, pins=pins,
                         bans=bans, sweep_bits=list(pareto_bits or DEFAULT_SWEEP))
     eval_windows = stages.evaluation_windows(run, loaded, evaluation)

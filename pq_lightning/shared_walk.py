@@ -97,8 +97,8 @@ class WalkPlan:
             s = folds.scales[m.producer].float()
             for c in m.consumers:
                 inputs[c] = s
-            if m.kind == "linear_rows":
-                rows[m.producer] = s
+            if m.kind != "norm":
+                rows[m.producer] = m.producer_rows(s)
         return cls(dict(formats), groups, inputs, rows)
 
 

@@ -22,11 +22,15 @@ The scales are folded into the producer of the input, found by running the model
   nearest exact power of two toward 1 elsewhere (Gemma-3-270M: every channel in fp32; in bf16 the
   8-15 % left behind make the quantized error worse than no fold, so the search leaves those
   inputs alone);
-* the ``up_proj`` rows of a gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) -> ``down_proj``.
+* the ``up_proj`` rows of a gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) -> ``down_proj``;
+* with ``SmoothConfig.attention``, the ``v_proj`` rows of attention -> ``o_proj`` (kind ``head_rows``):
+  ``o_proj``'s input channel ``(h, d)`` is a softmax-weighted sum of ``v`` channel ``(kv(h), d)``, so
+  one scale per (kv head, head dim), shared by the query heads of that kv head (grouped-query
+  attention), folds exactly; the scale is computed on the amax over those heads' channels.
 
-The attention output (-> ``o_proj``) is left alone: its channels mix heads that grouped-query
-attention ties together. After folding the whole model is checked on a calibration window; if the
-logits moved, every fold is undone and smoothing is reported as skipped.
+After folding the whole model is checked on a calibration window; if the logits moved, every fold is
+undone and smoothing is reported as skipped. The attention folds are checked on their own afterwards:
+an architecture that normalises ``v`` per head (Gemma-4's ``v_norm``) loses only those.
 
 The pipeline collects the statistics once and, per budget, folds only the mappings whose consumers
 all take a format with ``smooth_inputs`` (NVFP4 W4A4): measured on SmolLM2, smoothing in front of
@@ -54,6 +58,8 @@ from .formats.base import QuantFormat
 AMAX_FLOOR = 1e-5
 #: Largest |log2 s|: a channel is scaled by at most 2**16 either way.
 MAX_LOG2_SCALE = 16
+#: What the saved statistics hold (2: attention's o_proj input too); part of the probe's cache key.
+SMOOTH_STATS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -65,12 +71,20 @@ class SmoothConfig:
     grid's alpha, or no fold, whose consumers' RTN output error (weights and inputs quantized) on
     ``search_tokens`` calibration rows is least; ``alpha`` is then only the fallback for a mapping
     with no format to search with. An empty ``search`` folds ``alpha`` everywhere.
+
+    ``attention``: fold into ``v_proj``'s rows in front of ``o_proj`` too (``head_rows``; opt-in: on
+    SmolLM2-135M at 4.5 bpp the search's four o_proj folds raised ``kl_conf`` 6 %).
+    ``price_folds``: the allocator prices a smoothed format (NVFP4) by what it will carry, its probe-measured
+    ``Δloss`` times the fold's error ratio on the samples (:func:`fold_gains`; ``output`` estimator only;
+    opt-in: on SmolLM2-135M at 6.0 bpp the cheaper NVFP4 took 4 more Linears and ``kl_conf`` rose 6 %).
     """
 
     enabled: bool = True
     alpha: float = 0.5
     search: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     search_tokens: int = 256
+    attention: bool = False
+    price_folds: bool = False
 
     @property
     def active(self) -> bool:
@@ -91,7 +105,16 @@ class SmoothMapping:
 
     producer: str
     consumers: list[str]
-    kind: str  # "norm" or "linear_rows"
+    kind: str  # "norm", "linear_rows" or "head_rows"
+    #: ``head_rows`` only: (kv heads, query heads per kv head, head dim) of the consumer's input.
+    heads: tuple[int, int, int] | None = None
+
+    def producer_rows(self, s: torch.Tensor) -> torch.Tensor:
+        """The producer's row scales for consumer-input scales ``s`` (a kv head's rows once, not per query head)."""
+        if self.heads is None:
+            return s
+        kv, rep, hd = self.heads
+        return s.reshape(kv, rep, hd)[:, 0].reshape(-1)
 
 
 @dataclass
@@ -127,15 +150,23 @@ class SmoothResult:
         }
 
 
-def smoothing_scales(x_amax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Power-of-two SmoothQuant scales ``2**round(log2(amax_x**a / amax_W**(1-a)))`` per input channel."""
+def smoothing_scales(x_amax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float,
+                     heads: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Power-of-two SmoothQuant scales ``2**round(log2(amax_x**a / amax_W**(1-a)))`` per input channel.
+
+    ``heads`` (kv heads, query heads per kv head, head dim): channels ``(h, d)`` of the query heads of one
+    kv head share a scale, computed on their amax over those heads (the ``head_rows`` fold)."""
     w_amax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
     if w_amax.shape != x_amax.shape:
         raise ValueError(f"activation amax has {tuple(x_amax.shape)} channels, the weights {tuple(w_amax.shape)}")
-    log2 = alpha * torch.log2(x_amax.float().clamp_min(AMAX_FLOOR)) - (1 - alpha) * torch.log2(
+    x_amax = x_amax.float()
+    if heads is not None:
+        x_amax, w_amax = (a.reshape(heads).amax(1) for a in (x_amax, w_amax.to(x_amax.device)))
+    log2 = alpha * torch.log2(x_amax.clamp_min(AMAX_FLOOR)) - (1 - alpha) * torch.log2(
         w_amax.clamp_min(AMAX_FLOOR)
     )
-    return torch.exp2(torch.round(log2).clamp(-MAX_LOG2_SCALE, MAX_LOG2_SCALE))
+    s = torch.exp2(torch.round(log2).clamp(-MAX_LOG2_SCALE, MAX_LOG2_SCALE))
+    return s if heads is None else s[:, None].expand(heads).reshape(-1)
 
 
 def _norm_like(module: nn.Module, width: int) -> bool:
@@ -237,7 +268,8 @@ class SmoothingObserver:
         self.pairs: dict[str, str | None] = {}  # consumer -> producer seen in every forward
         self.amax: dict[str, torch.Tensor] = {}
         self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # first consumer -> (keys, rows)
-        self.candidates: list[tuple[str, list[str], str | None]] = []  # (layer, consumers, producing rows)
+        # (layer, consumers, the Linear whose rows produce their input, its head geometry)
+        self.candidates: list[tuple[str, list[str], str | None, tuple[int, int, int] | None]] = []
         self._first: set[str] = set()
         self._hooks: list[Any] = []
         prefix, layers = language_model_layers(model)
@@ -247,24 +279,30 @@ class SmoothingObserver:
 
     def _watch_layer(self, base: str, layer: nn.Module, model_type: str | None) -> None:
         """Consumer groups of one layer from :mod:`pq_lightning.architectures`: each fused set (its
-        producer found by dataflow), and a gated MLP's ``down`` (its input made by ``up``'s rows)."""
-        from .architectures import fused_siblings, gated_mlp
+        producer found by dataflow), a gated MLP's ``down`` (its input made by ``up``'s rows) and
+        attention's ``o`` (its input made by ``v``'s rows)."""
+        from .architectures import attention_vo, fused_siblings, gated_mlp
 
         mods = dict(layer.named_modules())
         linears = {n for n, m in mods.items() if isinstance(m, nn.Linear)}
-        groups: list[tuple[list[str], str | None]] = [
-            ([n for n in sibs if n in linears], None) for sibs in fused_siblings(model_type)
+        groups: list[tuple[list[str], str | None, tuple[int, int, int] | None]] = [
+            ([n for n in sibs if n in linears], None, None) for sibs in fused_siblings(model_type)
         ]
         gated = gated_mlp(model_type)
         if gated is not None and all(n in linears for n in gated):
-            groups.append(([gated[2]], gated[1]))
-        groups = [(g, rows) for g, rows in groups if g]
-        for g, rows in groups:
-            self.candidates.append((base, g, rows))
+            groups.append(([gated[2]], gated[1], None))
+        vo = attention_vo(model_type)
+        if vo is not None and all(n in linears for n in vo):
+            heads = _head_geometry(mods, *vo)
+            if heads is not None:
+                groups.append(([vo[1]], vo[0], heads))
+        groups = [(g, rows, heads) for g, rows, heads in groups if g]
+        for g, rows, heads in groups:
+            self.candidates.append((base, g, rows, heads))
             self._first.add(f"{base}.{g[0]}")
             for n in g:
                 self._hooks.append(mods[n].register_forward_pre_hook(self._in_hook(f"{base}.{n}")))
-        widths = {mods[g[0]].in_features for g, rows in groups if rows is None}
+        widths = {mods[g[0]].in_features for g, rows, _ in groups if rows is None}
         for n, m in layer.named_modules():
             if n and any(_norm_like(m, w) for w in widths):
                 self._hooks.append(m.register_forward_hook(self._out_hook(f"{base}.{n}")))
@@ -322,10 +360,11 @@ class SmoothingObserver:
     def stats(self) -> SmoothStats:
         """The mappings found (a norm producer only where every forward agreed on it) and their data."""
         mappings: list[SmoothMapping] = []
-        for base, g, rows in self.candidates:
+        for base, g, rows, heads in self.candidates:
             names = [f"{base}.{n}" for n in g]
             if rows is not None:
-                mappings.append(SmoothMapping(f"{base}.{rows}", names, "linear_rows"))
+                mappings.append(SmoothMapping(f"{base}.{rows}", names, "linear_rows" if heads is None else "head_rows",
+                                              heads))
                 continue
             producers = {self.pairs.get(n) for n in names}
             if len(producers) == 1 and None not in producers:
@@ -333,6 +372,19 @@ class SmoothingObserver:
         firsts = [m.consumers[0] for m in mappings if m.consumers[0] in self.amax]
         return SmoothStats(mappings, {c: self.amax[c] for c in firsts},
                            {c: self.samples[c][1].float() for c in firsts if c in self.samples})
+
+
+def _head_geometry(mods: Mapping[str, nn.Module], v: str, o: str) -> tuple[int, int, int] | None:
+    """(kv heads, query heads per kv head, head dim) of the attention holding ``v`` and ``o``, read from
+    the attention module (``head_dim``, ``num_key_value_groups``) and checked against the shapes."""
+    attn = mods.get(v.rpartition(".")[0])
+    hd, rep = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
+    if not isinstance(hd, int) or not isinstance(rep, int) or hd < 1 or rep < 1:
+        return None
+    kv, rem = divmod(mods[v].out_features, hd)
+    if rem or kv < 1 or mods[o].in_features != kv * rep * hd:
+        return None
+    return kv, rep, hd
 
 
 def merge_observer_states(a: Mapping[str, Any], b: Mapping[str, Any], keep_tokens: int) -> dict[str, Any]:
@@ -405,7 +457,8 @@ def fold_smoothing(
 ) -> SmoothResult:
     """Fold the scales of ``stats.mappings`` (those ``select`` keeps) into ``model`` in place.
 
-    ``check_window``: token ids ``[1, T]``; the logits on it must not move, else every fold is undone.
+    ``check_window``: token ids ``[1, T]``; the logits on it must not move, else the folds are undone
+    (the attention folds are checked after the others, and only they are undone when they alone fail).
     With ``config.search``, each mapping's alpha (or no fold) is the one whose consumers, quantized
     in ``formats`` (consumer -> format), miss their unquantized output on ``stats.samples`` least.
     Undo a result with :func:`unfold_smoothing`.
@@ -417,54 +470,105 @@ def fold_smoothing(
     model.eval()
     check = check_window.to(_device(model))
     modules = dict(model.named_modules())
+    wanted = [m for m in stats.mappings if (select is None or select(m)) and (config.attention or m.kind != "head_rows")]
     with torch.no_grad():
         before = model(input_ids=check).logits.float()
-        for m in stats.mappings:
-            if select is not None and not select(m):
+        for phase in ([m for m in wanted if m.kind != "head_rows"], [m for m in wanted if m.kind == "head_rows"]):
+            start = len(result.mappings)
+            for m in phase:
+                choice = _choose_fold(m, modules, stats, config, formats)
+                if isinstance(choice, str):
+                    result.skipped.append(choice)
+                elif choice is not None:
+                    s, alpha, offset = choice
+                    _scale(modules[m.producer], [modules[c] for c in m.consumers], m, s, inverse=False, offset=offset)
+                    result.mappings.append(m)
+                    result.scales[m.producer], result.alphas[m.producer] = s, alpha
+                    result.offsets[m.producer] = offset
+            if len(result.mappings) == start:
                 continue
-            consumers = [modules[c] for c in m.consumers]
-            weights = [c.weight for c in consumers]
-            producer = modules[m.producer]
-            offset = _gain_offset(producer) if m.kind == "norm" else 0.0
-            if offset is None:
-                result.skipped.append(f"{m.producer}: its output is neither w * n(x) nor (1 + w) * n(x)")
+            after = model(input_ids=check).logits.float()
+            change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+            if math.isfinite(change) and change <= 1e-3:
+                result.max_logit_change = max(change, result.max_logit_change or 0.0)
                 continue
-
-            def feasible(s: torch.Tensor, producer=producer, offset=offset, kind=m.kind) -> torch.Tensor:
-                return exact_scales(producer.weight, offset, s).to(s.device) if kind == "norm" else s
-
-            alpha = config.alpha
-            x = stats.samples.get(m.consumers[0])
-            if config.search and formats is not None and x is not None:
-                alpha = _search_alpha(x, weights, [formats[c] for c in m.consumers], stats.amax[m.consumers[0]],
-                                      config.search, feasible)
-                if alpha is None:
-                    continue  # no fold beats leaving this input alone
-            s = feasible(smoothing_scales(stats.amax[m.consumers[0]], weights, alpha))
-            if bool((s == 1).all()):
-                result.skipped.append(f"{m.producer}: no channel's scale folds exactly into its (1 + w) gain")
-                continue
-            _scale(producer, consumers, m.kind, s, inverse=False, offset=offset)
-            result.mappings.append(m)
-            result.scales[m.producer] = s
-            result.alphas[m.producer] = alpha
-            result.offsets[m.producer] = offset
-        after = model(input_ids=check).logits.float()
-    change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-    result.max_logit_change = change
-    if not math.isfinite(change) or change > 1e-3:
-        unfold_smoothing(model, result)
-        result.skipped.append(f"all folds undone: the logits moved by {change:.2e} of their range")
-        result.mappings, result.scales = [], {}
+            _undo_from(model, result, start)
+            what = "all folds" if start == 0 else "the attention (v_proj -> o_proj) folds"
+            result.skipped.append(f"{what} undone: the logits moved by {change:.2e} of their range")
+            result.max_logit_change = change
+            if start == 0:
+                break  # the dataflow is not what the mappings say: fold nothing
     model.train(was_training)
     return result
 
 
-def relative_output_error(
+def _choose_fold(
+    m: SmoothMapping, modules: Mapping[str, nn.Module], stats: SmoothStats, config: SmoothConfig,
+    formats: Mapping[str, QuantFormat] | None,
+) -> tuple[torch.Tensor, float, float] | str | None:
+    """``(s, alpha, gain offset)`` to fold for ``m``, why it cannot fold, or None when no fold beats none."""
+    weights = [modules[c].weight for c in m.consumers]
+    producer = modules[m.producer]
+    offset = _gain_offset(producer) if m.kind == "norm" else 0.0
+    if offset is None:
+        return f"{m.producer}: its output is neither w * n(x) nor (1 + w) * n(x)"
+
+    def feasible(s: torch.Tensor) -> torch.Tensor:
+        return exact_scales(producer.weight, offset, s).to(s.device) if m.kind == "norm" else s
+
+    alpha = config.alpha
+    x = stats.samples.get(m.consumers[0])
+    if config.search and formats is not None and x is not None:
+        alpha = _search_alpha(x, weights, [formats[c] for c in m.consumers], stats.amax[m.consumers[0]],
+                              config.search, feasible, m.heads)
+        if alpha is None:
+            return None
+    s = feasible(smoothing_scales(stats.amax[m.consumers[0]], weights, alpha, m.heads))
+    if bool((s == 1).all()):
+        return f"{m.producer}: no channel's scale folds exactly into its (1 + w) gain" if m.kind == "norm" else None
+    return s, alpha, offset
+
+
+def _undo_from(model: nn.Module, result: SmoothResult, start: int) -> None:
+    """Unfold and forget ``result``'s folds from the ``start``-th on."""
+    undone = SmoothResult(result.mappings[start:], result.scales, offsets=result.offsets)
+    unfold_smoothing(model, undone)
+    for m in undone.mappings:
+        for d in (result.scales, result.alphas, result.offsets):
+            d.pop(m.producer, None)
+    del result.mappings[start:]
+
+
+def fold_gains(model: nn.Module, stats: SmoothStats, config: SmoothConfig, fmt: QuantFormat,
+               check_window: torch.Tensor) -> dict[str, float]:
+    """Consumer -> its RTN output error (weights and inputs in ``fmt``, on ``stats.samples``) with the fold
+    :func:`fold_smoothing` makes when every consumer takes ``fmt``, over the error without it.
+
+    The allocator's price of ``fmt`` (measured on the unfolded model) times this ratio is the price of
+    what the checkpoint carries. Consumers with no fold (none found, none better, or no sample) are left
+    out; the model is handed back unfolded.
+    """
+    formats = {c: fmt for m in stats.mappings for c in m.consumers}
+    folds = fold_smoothing(model, stats, config, check_window, formats=formats)
+    unfold_smoothing(model, folds)
+    modules = dict(model.named_modules())
+    gains: dict[str, float] = {}
+    for m in folds.mappings:
+        x = stats.samples.get(m.consumers[0])
+        if x is None:
+            continue
+        weights = [modules[c].weight for c in m.consumers]
+        plain = output_errors(x, weights, [fmt] * len(weights), None)
+        folded = output_errors(x, weights, [fmt] * len(weights), folds.scales[m.producer].to(x.device))
+        gains.update({c: f / p for c, p, f in zip(m.consumers, plain, folded, strict=True) if p > 0})
+    return gains
+
+
+def output_errors(
     x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], s: torch.Tensor | None
-) -> float:
-    """Sum over consumers of ``||x W^T - Q_a(x / s) Q(W s)^T||^2 / ||x W^T||^2`` (fp32, RTN)."""
-    total = 0.0
+) -> list[float]:
+    """Per consumer ``||x W^T - Q_a(x / s) Q(W s)^T||^2 / ||x W^T||^2`` (fp32, RTN)."""
+    out = []
     xs = x if s is None else x / s
     for w, fmt in zip(weights, formats, strict=True):
         w = w.detach().float().to(x.device)
@@ -472,19 +576,27 @@ def relative_output_error(
         xq = fmt.fake_quant_activation(xs, fmt.calibrate_input_global_scale(xs.abs().amax())) if (
             fmt.quantizes_activations) else xs
         y = x @ w.T
-        total += float((y - xq @ fmt.fake_quant(ws).T).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
-    return total
+        out.append(float((y - xq @ fmt.fake_quant(ws).T).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)))
+    return out
+
+
+def relative_output_error(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], s: torch.Tensor | None
+) -> float:
+    """Sum over consumers of :func:`output_errors`."""
+    return sum(output_errors(x, weights, formats, s))
 
 
 def _search_alpha(
     x: torch.Tensor, weights: Sequence[torch.Tensor], formats: Sequence[QuantFormat], x_amax: torch.Tensor,
     grid: Sequence[float], feasible: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    heads: tuple[int, int, int] | None = None,
 ) -> float | None:
     """The alpha of ``grid`` with the least quantized output error, or None when no fold beats none.
     ``feasible`` maps wanted scales to those that fold exactly (default: all do)."""
     best, best_err = None, relative_output_error(x, weights, formats, None)
     for a in grid:
-        s = smoothing_scales(x_amax, weights, a)
+        s = smoothing_scales(x_amax, weights, a, heads)
         if feasible is not None:
             s = feasible(s)
         err = relative_output_error(x, weights, formats, s.to(x.device))
@@ -494,7 +606,7 @@ def _search_alpha(
 
 
 def _scale(
-    producer: nn.Module, consumers: Sequence[nn.Module], kind: str, s: torch.Tensor, *, inverse: bool,
+    producer: nn.Module, consumers: Sequence[nn.Module], m: SmoothMapping, s: torch.Tensor, *, inverse: bool,
     offset: float = 0.0,
 ) -> None:
     """Divide the producer's output channels by ``s`` and multiply the consumers' columns by it (or undo).
@@ -502,15 +614,15 @@ def _scale(
     down = (lambda t, f: t.mul_(f)) if inverse else (lambda t, f: t.div_(f))
     up = (lambda t, f: t.div_(f)) if inverse else (lambda t, f: t.mul_(f))
     w = producer.weight
-    f = s.to(w.device, w.dtype)
-    if kind == "norm":
+    if m.kind == "norm":
         s32 = s.to(w.device, torch.float32)
         w.copy_(_unfolded_weight(w, offset, s32) if inverse else _folded_weight(w, offset, s32))
     else:
-        down(w, f[:, None])
-    bias = getattr(producer, "bias", None)
-    if kind == "linear_rows" and bias is not None:
-        down(bias, s.to(bias.device, bias.dtype))
+        rows = m.producer_rows(s)
+        down(w, rows.to(w.device, w.dtype)[:, None])
+        bias = getattr(producer, "bias", None)
+        if bias is not None:
+            down(bias, rows.to(bias.device, bias.dtype))
     for c in consumers:
         up(c.weight, s.to(c.weight.device, c.weight.dtype))
 
@@ -520,7 +632,7 @@ def refold_smoothing(model: nn.Module, result: SmoothResult) -> None:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for m in result.mappings:
-            _scale(modules[m.producer], [modules[c] for c in m.consumers], m.kind, result.scales[m.producer],
+            _scale(modules[m.producer], [modules[c] for c in m.consumers], m, result.scales[m.producer],
                    inverse=False, offset=result.offsets.get(m.producer, 0.0))
 
 
@@ -529,7 +641,7 @@ def unfold_smoothing(model: nn.Module, result: SmoothResult) -> None:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for m in reversed(result.mappings):
-            _scale(modules[m.producer], [modules[c] for c in m.consumers], m.kind, result.scales[m.producer],
+            _scale(modules[m.producer], [modules[c] for c in m.consumers], m, result.scales[m.producer],
                    inverse=True, offset=result.offsets.get(m.producer, 0.0))
 
 
@@ -556,7 +668,7 @@ def save_smooth_stats(stats: SmoothStats, path) -> None:
 
     tensors = {f"amax::{k}": v.detach().cpu().contiguous() for k, v in stats.amax.items()}
     tensors.update({f"samples::{k}": v.detach().cpu().contiguous() for k, v in stats.samples.items()})
-    meta = json.dumps([[m.producer, m.consumers, m.kind] for m in stats.mappings])
+    meta = json.dumps([[m.producer, m.consumers, m.kind, m.heads] for m in stats.mappings])
     atomic_write_bytes(path, save(tensors, metadata={"pq_lightning.smooth_mappings": meta}))
 
 
@@ -569,7 +681,8 @@ def load_smooth_stats(path) -> SmoothStats:
     amax: dict[str, torch.Tensor] = {}
     samples: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
-        mappings = [SmoothMapping(p, list(c), k) for p, c, k in json.loads(f.metadata()["pq_lightning.smooth_mappings"])]
+        mappings = [SmoothMapping(p, list(c), k, tuple(h) if h else None)
+                    for p, c, k, h in json.loads(f.metadata()["pq_lightning.smooth_mappings"])]
         for key in f.keys():
             kind, _, name = key.partition("::")
             (amax if kind == "amax" else samples)[name] = f.get_tensor(key)

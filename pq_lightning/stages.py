@@ -28,7 +28,7 @@ from torch import nn
 from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
 from .flops import FlopTally, forward_flops_per_token
 from .plan import Plan
-from .smooth import SmoothConfig, SmoothResult, SmoothStats
+from .smooth import SMOOTH_STATS_VERSION, SmoothConfig, SmoothResult, SmoothStats
 from .stage_runner import StageRunner, stage_key
 
 #: Largest fp32 ``Q(W)`` cache (all body Linears x formats) the probe keeps, in bytes (no decode per step).
@@ -168,7 +168,8 @@ def probe(run: StageRunner, loaded: LoadedModel, cal: Calibration, body_: Body, 
 
     def key_with(error: bool) -> str:
         return stage_key("probe", loaded.fingerprint, cal.fingerprint, sorted(body_.linears), formats, error,
-                         asdict(cfg), (smooth.search_tokens if smooth.search else 0) if smoothing else None)
+                         asdict(cfg), (smooth.search_tokens if smooth.search else 0, SMOOTH_STATS_VERSION) if smoothing
+                         else None)
 
     key = key_with(output_error)
     with run.stage("probe") as record:
@@ -219,13 +220,31 @@ def _run_probe(run, loaded, cal, body_, formats, output_error, cfg, smoothing, s
 
 
 # ---- cost and plan ------------------------------------------------------------------------------
-def cost(run: StageRunner, body_: Body, probe_: ProbeResult, *, formats: list[str], estimator: str) -> dict:
-    """Bits and predicted Δloss of every body Linear under every format (:func:`pq_lightning.cost.compute_costs`)."""
-    from .cost import compute_costs
+def cost(run: StageRunner, loaded: LoadedModel, body_: Body, probe_: ProbeResult, cal: Calibration, *,
+         formats: list[str], estimator: str, smooth: SmoothConfig) -> dict:
+    """Bits and predicted Δloss of every body Linear under every format (:func:`pq_lightning.cost.compute_costs`);
+    with the ``output`` estimator and ``smooth.price_folds``, a smoothed format's Δloss is scaled by the
+    fold's measured gain (:func:`pq_lightning.cost.price_folds`)."""
+    import statistics
+
+    from .cost import compute_costs, price_folds
+    from .formats import get_format
+    from .smooth import fold_gains
 
     with run.stage("cost"):
-        return compute_costs(body_.linears, probe_.sensitivity, formats, estimator=estimator,
-                             progress=lambda it: run.track(it, "cost"))
+        costs = compute_costs(body_.linears, probe_.sensitivity, formats, estimator=estimator,
+                              progress=lambda it: run.track(it, "cost"))
+        if probe_.smoothing is None or not smooth.price_folds or estimator != "output":
+            return costs
+        window = cal.fit[:1].to(next(loaded.model.parameters()).device)
+        for fmt in (get_format(f) for f in formats):
+            if fmt.smooth_inputs:
+                ratios = fold_gains(loaded.model, probe_.smoothing, smooth, fmt, window)
+                n = price_folds(costs, fmt.name, ratios)
+                if n:
+                    run.console.print(f"cost: {fmt.name} priced behind its smoothing fold on {n} Linears "
+                                      f"(median error ratio {statistics.median(ratios.values()):.3f})")
+    return costs
 
 
 @dataclass

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         run.records.pop("probe", None)
         probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=True, cfg=cfg,
                               smooth=SmoothConfig(enabled=False), trainer=TrainerConfig(accelerator="cpu"))
-        costs = stages.cost(run, body, probed, formats=formats, estimator="output")
+        costs = stages.cost(run, loaded, body, probed, cal, formats=formats, estimator="output",
+                            smooth=SmoothConfig(enabled=False))
         plans = stages.plan(run, loaded, costs, targets=[(b, None) for b in args.budgets], formats=formats,
                             estimator="output", pins=None, bans=None, sweep_bits=[])
         rec = run.records["probe"]

@@ -150,3 +150,41 @@ def test_size_budget_counts_everything_on_disk():
     groups = build_groups(costs, model_type="llama", formats=["nvfp4", "fp8"])
     bits = budget_bits(groups, target_size_gb=1e-4, non_body=50_000)
     assert bits == (100_000 - 50_000) * 8
+
+
+def test_the_cost_stage_prices_nvfp4_behind_its_smoothing_fold(tmp_path, make_tiny_llama, tiny_tokenizer):
+    """``smooth.price_folds``: with the output estimator, each folded consumer's NVFP4 Δloss is the probe's
+    times :func:`fold_gains`'s ratio, FP8 and unfolded Linears unchanged; the trace estimator is left alone."""
+    from conftest import TINY_TEXT
+
+    from pq_lightning import stages
+    from pq_lightning.config import CalibrationConfig, ProbeConfig, TrainerConfig
+    from pq_lightning.smooth import SmoothConfig, fold_gains
+    from pq_lightning.stage_runner import StageRunner
+
+    (tmp_path / "text.txt").write_text(TINY_TEXT)
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] *= 32.0  # an outlier channel: a fold that pays
+    run = StageRunner(tmp_path / "out", quiet=True)
+    loaded = stages.LoadedModel.wrap(model, tiny_tokenizer)
+    cal = stages.calibration(run, loaded, CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32,
+                                                            num_samples=4, batch_size=2, holdout_fraction=0.25))
+    body = stages.body(run, loaded, include=None, exclude=None)
+    smooth = SmoothConfig()
+    probed = stages.probe(run, loaded, cal, body, formats=["nvfp4", "fp8"], output_error=True, cfg=ProbeConfig(),
+                          smooth=smooth, trainer=TrainerConfig(accelerator="cpu"))
+
+    def costs(estimator, **kw):
+        return stages.cost(run, loaded, body, probed, cal, formats=["nvfp4", "fp8"], estimator=estimator,
+                           smooth=SmoothConfig(**kw))
+
+    gains = fold_gains(model, probed.smoothing, smooth, get_format("nvfp4"), cal.fit[:1])
+    assert "model.layers.0.self_attn.q_proj" in gains and gains["model.layers.0.self_attn.q_proj"] < 1
+    priced, plain = costs("output", price_folds=True), costs("output")
+    for name, c in priced.items():
+        want = plain[name].dloss["nvfp4"] * gains.get(name, 1.0)
+        assert c.dloss["nvfp4"] == pytest.approx(want, rel=1e-12) and c.dloss["fp8"] == plain[name].dloss["fp8"]
+        assert c.fold_ratio == ({"nvfp4": gains[name]} if name in gains else {})
+    trace = costs("trace", price_folds=True)
+    assert all(not c.fold_ratio for c in trace.values())

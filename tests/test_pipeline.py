@@ -250,8 +250,8 @@ def test_shared_walk_sweep_gives_each_budget_its_own_build(tmp_path, tiny_model_
     assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
     src = load_file(next(tiny_model_dir.glob("*.safetensors")))
     folded = [k for k in src if k.endswith("layernorm.weight") and not torch.equal(src[k], a[k])]
-    assert len(folded) == len(both["targets"]["6bpp"]["smooth"]["alphas"]) - sum(
-        "mlp.up_proj" in p for p in both["targets"]["6bpp"]["smooth"]["alphas"])
+    alphas = both["targets"]["6bpp"]["smooth"]["alphas"]  # norms, and the Linears whose rows take the fold
+    assert len(folded) == len(alphas) - sum(p.endswith(("mlp.up_proj", "self_attn.v_proj")) for p in alphas)
     assert both["targets"]["4.5bpp"]["gptq"]["walk"] == "shared"
     with pytest.raises(ValueError, match="'sequential' or 'shared'"):
         RefineConfig(walk="parallel")

@@ -36,7 +36,7 @@ def _folded(model, plan):
     ids = torch.cat(_windows()[0])[:4]
     stats = find_mappings(model, ids, keep_tokens=128)
     formats = {n: get_format(f) for n, f in plan.items()}
-    return fold_smoothing(model, stats, SmoothConfig(alpha=0.5, search=[]), ids[:1], formats=formats,
+    return fold_smoothing(model, stats, SmoothConfig(alpha=0.5, search=[], attention=True), ids[:1], formats=formats,
                           select=lambda m: all(formats[c].smooth_inputs for c in m.consumers))
 
 
@@ -88,7 +88,7 @@ def test_folds_applied_by_the_walk_equal_walking_the_folded_model():
     fit, held = _windows()
     plan = _all_nvfp4(model)
     folds = _folded(model, plan)
-    assert {m.kind for m in folds.mappings} == {"norm", "linear_rows"}  # both kinds exercised
+    assert {m.kind for m in folds.mappings} == {"norm", "linear_rows", "head_rows"}  # every kind exercised
     (on_folded,) = refine_plans(model, [WalkPlan(plan)], fit, held, config=CONFIG)
     unfold_smoothing(model, folds)
     (by_walk,) = refine_plans(model, [WalkPlan.from_folds(plan, None, folds)], fit, held, config=CONFIG)

@@ -51,17 +51,19 @@ def test_scales_match_a_plain_loop():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma4"])
 def test_folds_are_exact_and_found_by_dataflow(arch, make_tiny_llama, make_tiny_gemma4):
+    """Llama: norms -> q/k/v and gate/up, up rows -> down, v rows -> o (one scale per kv head and head dim,
+    shared by its 2 query heads). Gemma-4 normalises v per head (``v_norm``): its attention folds would move
+    the logits, so only they are undone."""
     model = (make_tiny_llama() if arch == "llama" else make_tiny_gemma4()).eval()
     w = _windows()
     with torch.no_grad():
         before = model(input_ids=w).logits
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    res = smooth_model(model, w, SmoothConfig(alpha=0.5))
+    res = smooth_model(model, w, SmoothConfig(alpha=0.5, attention=True))
     with torch.no_grad():
         after = model(input_ids=w).logits
     # power-of-two scales: the smoothed model computes exactly what the original does
     assert torch.equal(before, after)
-    assert res.max_logit_change == 0.0 and res.skipped == []
     prefix = "model.layers" if arch == "llama" else "model.language_model.layers"
     mlp_norm = "post_attention_layernorm" if arch == "llama" else "pre_feedforward_layernorm"
     want = []
@@ -71,20 +73,29 @@ def test_folds_are_exact_and_found_by_dataflow(arch, make_tiny_llama, make_tiny_
             (f"{prefix}.{i}.{mlp_norm}", "norm", ["gate_proj", "up_proj"]),
             (f"{prefix}.{i}.mlp.up_proj", "linear_rows", ["down_proj"]),
         ]
+    if arch == "llama":
+        want += [(f"{prefix}.{i}.self_attn.v_proj", "head_rows", ["o_proj"]) for i in range(2)]
+        assert res.max_logit_change == 0.0 and res.skipped == []
+    else:
+        assert len(res.skipped) == 1 and res.skipped[0].startswith("the attention (v_proj -> o_proj) folds undone")
     got = [(m.producer, m.kind, [c.rsplit(".", 1)[1] for c in m.consumers]) for m in res.mappings]
     assert got == want
-    # each consumer's columns carry exactly the scales its producer lost (up_proj: also its rows)
+    # every Linear: its columns times the scales of the folds it consumes, its rows over those of the one it makes
     state = model.state_dict()
+    expect = {k: v.clone() for k, v in weights.items()}
     for m in res.mappings:
         s = res.scales[m.producer]
         assert not torch.all(s == 1)
         for c in m.consumers:
-            want_w = weights[f"{c}.weight"] * s
-            if c.endswith("up_proj"):
-                want_w = want_w / res.scales[c][:, None]
-            assert torch.equal(state[f"{c}.weight"], want_w), c
+            expect[f"{c}.weight"] *= s
         if m.kind == "norm":
-            assert torch.equal(state[f"{m.producer}.weight"], weights[f"{m.producer}.weight"] / s)
+            expect[f"{m.producer}.weight"] /= s
+        else:
+            expect[f"{m.producer}.weight"] /= m.producer_rows(s)[:, None]
+    assert all(torch.equal(state[k], expect[k]) for k in state)
+    if arch == "llama":  # kv head g's scales are o_proj's columns of query heads 2g and 2g + 1 (head_dim 8)
+        s = res.scales[f"{prefix}.0.self_attn.v_proj"].reshape(4, 8)
+        assert torch.equal(s[0], s[1]) and torch.equal(s[2], s[3])
 
 
 def test_smoothing_cuts_the_w4a4_error_of_an_outlier_channel(make_tiny_llama):
@@ -178,14 +189,15 @@ def test_one_plus_weight_norms_fold_exactly(make_tiny_gemma3, dtype):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     stats = find_mappings(model, w)
     modules = dict(model.named_modules())
-    wanted = {m.producer: smoothing_scales(stats.amax[m.consumers[0]], [modules[c].weight for c in m.consumers], 0.5)
-              for m in stats.mappings}
-    res = fold_smoothing(model, stats, SmoothConfig(alpha=0.5, search=[]), w[:1])
+    wanted = {m.producer: smoothing_scales(stats.amax[m.consumers[0]], [modules[c].weight for c in m.consumers], 0.5,
+                                           m.heads) for m in stats.mappings}
+    res = fold_smoothing(model, stats, SmoothConfig(alpha=0.5, search=[], attention=True), w[:1])
     with torch.no_grad():
         after = model(input_ids=w).logits
     assert torch.equal(before, after) and res.max_logit_change == 0.0 and res.skipped == []
     kinds = [(m.producer.rsplit(".", 1)[1], m.kind) for m in res.mappings]
-    assert kinds == [("input_layernorm", "norm"), ("pre_feedforward_layernorm", "norm"), ("up_proj", "linear_rows")] * 2
+    assert kinds == ([("input_layernorm", "norm"), ("pre_feedforward_layernorm", "norm"), ("up_proj", "linear_rows")] * 2
+                     + [("v_proj", "head_rows")] * 2)
     assert res.offsets["model.layers.0.input_layernorm"] == 1.0
     stepped = 0
     for m in res.mappings:
@@ -305,10 +317,10 @@ def test_observer_keeps_a_uniform_sample_of_copied_rows_and_merges_exactly(make_
     rows = torch.cat(seen)
     gen = torch.Generator().manual_seed(3)
     keys = []
-    for _ in range(8):  # the observer draws for layer 0's q, mlp, down, then layer 1's: same order
-        for _ in range(6):
+    for _ in range(8):  # the observer draws for layer 0's q, o, mlp, down, then layer 1's: same order
+        for _ in range(8):
             keys.append(torch.rand(32, generator=gen))
-    keys = torch.stack(keys).view(8, 6, 32)[:, 3].reshape(-1)
+    keys = torch.stack(keys).view(8, 8, 32)[:, 4].reshape(-1)
     want = rows[torch.topk(keys, 50, largest=False).indices]
     got = stats.samples[q]
     assert got.shape == (50, 32)
@@ -331,3 +343,55 @@ def test_observer_keeps_a_uniform_sample_of_copied_rows_and_merges_exactly(make_
     assert [m.producer for m in merged.mappings] == [m.producer for m in stats.mappings]
     allrows = {tuple(r) for r in rows.tolist()}
     assert merged.samples[q].shape == (50, 32) and all(tuple(r) in allrows for r in merged.samples[q].tolist())
+
+
+def test_head_tied_scales_by_hand():
+    """One kv head, two query heads, head dim 2: channel d of both query heads takes one scale, computed on
+    their joint amax (x: max(8, 2) = 8 and max(1, 4) = 4; W: 2 and 4): sqrt(8 / 2) = 2, sqrt(4 / 4) = 1."""
+    x_amax = torch.tensor([8.0, 1.0, 2.0, 4.0])
+    w = torch.tensor([[2.0, 1.0, -1.0, 4.0]])
+    assert smoothing_scales(x_amax, [w], 0.5, (1, 2, 2)).tolist() == [2.0, 1.0, 2.0, 1.0]
+    m = SmoothMapping("v", ["o"], "head_rows", (1, 2, 2))
+    assert m.producer_rows(torch.tensor([2.0, 1.0, 2.0, 1.0])).tolist() == [2.0, 1.0]
+
+
+def test_fold_gains_are_the_measured_error_ratios_of_the_folds_made(make_tiny_llama):
+    """Every consumer the all-NVFP4 fold reaches: its RTN W4A4 output error with that fold over the error
+    without, on the kept samples; the model comes back bit for bit. The outlier channel makes q's ratio < 1."""
+    from pq_lightning.cost import LinearCost, price_folds
+    from pq_lightning.smooth import find_mappings, fold_gains, fold_smoothing, output_errors
+
+    model = make_tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] *= 64.0
+    w = _windows(8, 32)
+    stats = find_mappings(model, w, keep_tokens=100)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fmt = get_format("nvfp4")
+    cfg = SmoothConfig(attention=True)
+    gains = fold_gains(model, stats, cfg, fmt, w[:1])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    folds = fold_smoothing(model, stats, cfg, w[:1], formats={c: fmt for m in stats.mappings for c in m.consumers})
+    unfold_smoothing(model, folds)
+    mods = dict(model.named_modules())
+    want = {}
+    for m in folds.mappings:
+        x = stats.samples[m.consumers[0]]
+        for c in m.consumers:
+            W = mods[c].weight
+            want[c] = output_errors(x, [W], [fmt], folds.scales[m.producer])[0] / output_errors(x, [W], [fmt], None)[0]
+    assert gains == pytest.approx(want, rel=1e-6) and len(gains) >= 3
+    assert gains["model.layers.0.self_attn.q_proj"] < 0.5
+    # the allocator's price: the probe's Δloss times the ratio, recorded beside it
+    costs = {c: LinearCost(c, (1, 1), dloss={"nvfp4": 2.0, "fp8": 1.0}) for c in gains}
+    assert price_folds(costs, "nvfp4", {**gains, "not.in.the.body": 0.5}) == len(gains)
+    assert all(costs[c].dloss == {"nvfp4": 2.0 * g, "fp8": 1.0} and costs[c].fold_ratio == {"nvfp4": g}
+               for c, g in gains.items())
+    with pytest.raises(ValueError, match="non-negative"):
+        price_folds(costs, "nvfp4", {next(iter(gains)): float("nan")})
+
+
+def test_attention_folds_are_opt_in(make_tiny_llama):
+    model = make_tiny_llama().eval()
+    res = smooth_model(model, _windows(), SmoothConfig(alpha=0.5))
+    assert res.mappings and all(m.kind != "head_rows" for m in res.mappings)
