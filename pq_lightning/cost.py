@@ -123,10 +123,11 @@ def price_folds(costs: Mapping[str, LinearCost], fmt_name: str, ratios: Mapping[
     quantized output error with and without the smoothing fold it gets in that format
     (:func:`pq_lightning.smooth.fold_gains`); the number of Linears repriced.
 
-    The probe measures every format on the unfolded model, but a W4A4 Linear is exported behind its fold:
-    without this the allocator prices NVFP4 too dear exactly where smoothing helps. Only the ``output``
-    estimator should take it: the ratio is of the weight-and-activation error that estimator measures,
-    while ``trace`` / ``diag`` price the weight error alone (which a fold raises).
+    The probe measures every format on the unfolded model, but a W4A4 Linear is exported behind its fold;
+    this prices what the checkpoint carries (opt-in: on SmolLM2-135M the cheaper NVFP4 made the 6.0-bpp
+    build worse, see the README). Only the ``output`` estimator should take it: the ratio is of the
+    weight-and-activation error that estimator measures, while ``trace`` / ``diag`` price the weight
+    error alone (which a fold raises).
     """
     n = 0
     for name, ratio in ratios.items():

@@ -263,6 +263,10 @@ class SmoothingObserver:
 
         self.keep_tokens = int(keep_tokens)
         self._generator = torch.Generator().manual_seed(seed)
+        # the attention inputs draw their sample keys from a generator of their own: observing them leaves
+        # every other mapping's sample (and so the default build) as it is without them
+        self._attention_generator = torch.Generator().manual_seed(seed + 1)
+        self._attention_inputs: set[str] = set()
         self._produced: dict[int, tuple[str, weakref.ref]] = {}  # id(output) -> (norm, output)
         self._consumed: dict[str, str | None] = {}  # consumer -> the norm whose output it got
         self.pairs: dict[str, str | None] = {}  # consumer -> producer seen in every forward
@@ -300,6 +304,8 @@ class SmoothingObserver:
         for g, rows, heads in groups:
             self.candidates.append((base, g, rows, heads))
             self._first.add(f"{base}.{g[0]}")
+            if heads is not None:
+                self._attention_inputs.add(f"{base}.{g[0]}")
             for n in g:
                 self._hooks.append(mods[n].register_forward_pre_hook(self._in_hook(f"{base}.{n}")))
         widths = {mods[g[0]].in_features for g, rows, _ in groups if rows is None}
@@ -326,7 +332,8 @@ class SmoothingObserver:
         a = rows.abs().amax(0).float()
         self.amax[name] = torch.maximum(self.amax[name], a) if name in self.amax else a
         if self.keep_tokens:
-            keys = torch.rand(rows.shape[0], generator=self._generator)
+            gen = self._attention_generator if name in self._attention_inputs else self._generator
+            keys = torch.rand(rows.shape[0], generator=gen)
             self.samples[name] = _smallest_keys(self.samples.get(name), keys, rows, self.keep_tokens)
 
     def begin_forward(self) -> None:

@@ -317,10 +317,10 @@ def test_observer_keeps_a_uniform_sample_of_copied_rows_and_merges_exactly(make_
     rows = torch.cat(seen)
     gen = torch.Generator().manual_seed(3)
     keys = []
-    for _ in range(8):  # the observer draws for layer 0's q, o, mlp, down, then layer 1's: same order
-        for _ in range(8):
+    for _ in range(8):  # the observer draws for layer 0's q, mlp, down, then layer 1's (o_proj: its own generator)
+        for _ in range(6):
             keys.append(torch.rand(32, generator=gen))
-    keys = torch.stack(keys).view(8, 8, 32)[:, 4].reshape(-1)
+    keys = torch.stack(keys).view(8, 6, 32)[:, 3].reshape(-1)
     want = rows[torch.topk(keys, 50, largest=False).indices]
     got = stats.samples[q]
     assert got.shape == (50, 32)
