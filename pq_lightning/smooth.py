@@ -480,6 +480,7 @@ def fold_smoothing(
     wanted = [m for m in stats.mappings if (select is None or select(m)) and (config.attention or m.kind != "head_rows")]
     with torch.no_grad():
         before = model(input_ids=check).logits.float()
+        result.max_logit_change = 0.0  # nothing folded: nothing moved
         for phase in ([m for m in wanted if m.kind != "head_rows"], [m for m in wanted if m.kind == "head_rows"]):
             start = len(result.mappings)
             for m in phase:
@@ -497,7 +498,7 @@ def fold_smoothing(
             after = model(input_ids=check).logits.float()
             change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
             if math.isfinite(change) and change <= 1e-3:
-                result.max_logit_change = max(change, result.max_logit_change or 0.0)
+                result.max_logit_change = max(change, result.max_logit_change)
                 continue
             _undo_from(model, result, start)
             what = "all folds" if start == 0 else "the attention (v_proj -> o_proj) folds"
