@@ -1,13 +1,13 @@
 """The main job, ``pq-lightning quantize``: the chain of stages of :mod:`pq_lightning.stages`.
 
-    load ─► calibration ─► body ─► probe ─► cost ─► plan ─► per budget: fold ─► refine ─► export ─► evaluate
-         ─► report
+    load ─► calibration ─► body ─► probe ─► cost ─► plan ─► per budget: fold ─► refine ─► tune ─► export
+         ─► evaluate ─► report
 
 Which file holds what: loading ``models.py``; windows ``data.py``; the probe ``callbacks/fisher_probe.py``
 (Fisher statistics) and ``callbacks/smoothing_statistics.py``; costs ``cost.py``; groups, budgets and
 plans ``plan.py`` over ``allocate.py``; smoothing ``smooth.py``; GPTQ ``refine.py`` / ``gptq.py`` (run by
-``refiner_module.py``; with ``--refine.walk shared`` every budget in one walk, ``shared_walk.py``); the
-checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the report ``report.py``. Every stage's result is cached under ``<output_dir>/work`` with a key over what
+``refiner_module.py``; with ``--refine.walk shared`` every budget in one walk, ``shared_walk.py``); norm
+tuning ``norm_tune.py`` (run by ``norm_tuner_module.py``); the checkpoint ``export.py``; KL / top-1 ``evaluate.py`` / ``metrics.py``; the report ``report.py``. Every stage's result is cached under ``<output_dir>/work`` with a key over what
 it read, so a second run with another budget reuses the probe, and a changed model, data or setting
 invalidates only the stages that depend on it.
 
@@ -18,7 +18,7 @@ Output layout::
       plan-<label>.json       the allocation of each budget
       pareto.csv              predicted Δloss over a sweep of budgets (one probe)
       report.json, report.md, *.png
-      work/                   stage caches (sensitivity, smoothing statistics, refine, eval)
+      work/                   stage caches (sensitivity, smoothing statistics, refine, tune, eval)
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from dataclasses import asdict
 
 from . import stages
 from .checks import check_model_source, check_pins_bans, check_settings, expand_paths
-from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
+from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig, TuneConfig
 from .output_dir import OutputDir, budget_inputs_key
 from .plan import budget_label
 from .smooth import SmoothConfig, refold_smoothing, unfold_smoothing
 from .stage_runner import StageRunner, stage_key
 
 __all__ = ["CalibrationConfig", "EvalConfig", "ProbeConfig", "RefineConfig", "SmoothConfig", "TrainerConfig",
+           "TuneConfig",
            "quantize", "budget_label", "DEFAULT_SWEEP"]
 
 DEFAULT_SWEEP = (4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0)
@@ -68,6 +69,7 @@ def quantize(
     evaluation: EvalConfig = EvalConfig(),  # noqa: B008
     refine: RefineConfig = RefineConfig(),  # noqa: B008
     smooth: SmoothConfig = SmoothConfig(),  # noqa: B008
+    tune: TuneConfig = TuneConfig(),  # noqa: B008
     trainer: TrainerConfig = TrainerConfig(),  # noqa: B008
     memory_cap_gb: float | None = None,
     offload: str = "disk",
@@ -109,6 +111,9 @@ def quantize(
             :mod:`pq_lightning.smooth`): statistics from the probe's forward passes; per budget, folded
             into the producers of the inputs whose consumers all took NVFP4 W4A4, before GPTQ and
             export. Needs the model in memory: skipped with a warning under ``memory_cap_gb``.
+        tune: norm tuning after refine (:mod:`pq_lightning.norm_tune`): the BF16 norm gains fitted to the
+            model's logits through the served quantized Linears, kept when the held-out KL falls
+            (opt-in: ``--tune.enabled true``). Needs the model in memory: skipped with a warning under ``memory_cap_gb``.
         trainer: the Lightning Trainer of the probe, the refine and the evaluation (``accelerator``,
             ``devices``, ``strategy``, ``num_nodes``): ``--trainer.strategy ddp --trainer.devices 8``
             runs them in 8 processes.
@@ -135,7 +140,7 @@ def quantize(
         report = _chain(run, outputs, labels, model=model, gguf_file=gguf_file, dtype=dtype, targets=targets,
                         formats=formats, estimator=estimator, include=include, exclude=exclude, pins=pins, bans=bans,
                         pareto_bits=pareto_bits, calibration=calibration, probe=probe, evaluation=evaluation,
-                        refine=refine, smooth=smooth, trainer=trainer, memory_cap_gb=memory_cap_gb, offload=offload,
+                        refine=refine, smooth=smooth, tune=tune, trainer=trainer, memory_cap_gb=memory_cap_gb, offload=offload,
                         overwrite=overwrite)
     except BaseException:
         outputs.release(failed=True)
@@ -146,7 +151,7 @@ def quantize(
 
 def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gguf_file, dtype, targets, formats,
            estimator, include, exclude, pins, bans, pareto_bits, calibration, probe, evaluation, refine, smooth,
-           trainer, memory_cap_gb, offload, overwrite) -> dict:
+           tune, trainer, memory_cap_gb, offload, overwrite) -> dict:
     run.console.rule("[bold]pq-lightning quantize")
 
     loaded = stages.load(run, model=model, gguf_file=gguf_file, dtype=dtype, memory_cap_gb=memory_cap_gb,
@@ -154,7 +159,8 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
     cal = stages.calibration(run, loaded, calibration)
     body = stages.body(run, loaded, include=include, exclude=exclude)
     inputs = stage_key(loaded.fingerprint, cal.fingerprint, sorted(body.linears), formats, estimator, pins, bans,
-                       asdict(probe), stages.refine_settings(refine), asdict(smooth), memory_cap_gb is not None)
+                       asdict(probe), stages.refine_settings(refine), asdict(smooth), memory_cap_gb is not None,
+                       *([asdict(tune)] if tune.enabled else []))
     check_pins_bans(list(body.linears), pins, bans)  # before the probe: conflicts need only the names
     outputs.check_inputs(labels, inputs, overwrite=overwrite)  # before the probe: refuse what would be lost
     probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=estimator == "output", cfg=probe,
@@ -176,11 +182,14 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
             folds, refined = shared[label]
             if folds is not None:
                 refold_smoothing(loaded.model, folds)  # export and evaluation serve the folded model
-        exported = stages.export(run, loaded, plan, refined, label, manifest={
+        tuned = stages.tune(run, loaded, plan, refined, cal, tune, trainer)
+        exported = stages.export(run, loaded, plan, refined, label, tuned=tuned, manifest={
             "model_fingerprint": loaded.fingerprint, "calibration": asdict(calibration), "plan_target": plan.target,
             "estimator": estimator, "inputs_key": budget_inputs_key(inputs, label)})
         built[exported.checkpoint] = exported.source
         entry = _result(exported, plan, refined)
+        if tuned is not None:
+            entry["tune"] = tuned.summary()
         if eval_windows is not None:
             entry["eval"] = stages.evaluate(run, loaded, exported, eval_windows, evaluation, trainer)
         if folds is not None:
@@ -190,7 +199,7 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
 
     settings = {"model": model, "gguf_file": gguf_file, "dtype": dtype, "formats": formats, "estimator": estimator,
                 "calibration": asdict(calibration), "probe": asdict(probe), "evaluation": asdict(evaluation),
-                "refine": asdict(refine), "smooth": asdict(smooth), "trainer": asdict(trainer)}
+                "refine": asdict(refine), "smooth": asdict(smooth), "tune": asdict(tune), "trainer": asdict(trainer)}
     report = outputs.publish(labels, built, lambda: _report(run, results, plans, costs, probed, settings))
     _summary(run, results)
     return report

@@ -198,6 +198,10 @@ def write_report(
             lines.append(f"  activation smoothing: {sm['folded']} power-of-two scale vectors (alpha {alphas}) folded "
                          f"in front of {sm['consumers']} NVFP4 Linears"
                          + (f"; skipped: {'; '.join(sm['skipped'])}" if sm.get("skipped") else ""))
+        tu = r.get("tune")
+        if tu:
+            lines.append(f"  norm tuning: {tu['norms']} norms, held-out KL {_fmt(tu['heldout_kl_before'])} -> "
+                         f"{_fmt(tu['heldout_kl_after'])}, " + ("kept" if tu["kept"] else "not kept"))
     lines += ["", "## Stages", "", _stage_table(stages), ""]
     for title, file in plots:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]

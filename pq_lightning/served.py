@@ -40,12 +40,24 @@ class QuantizedLinearInfo:
     group: str | None = None  # the checkpoint's config group (None for apply_fake_quant)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """The quantized value forward, the identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class ServedLinear(nn.Linear):
     """A Linear computing ``F.linear(Q_a(x), W_served, b)`` in fp32, cast back to ``x``'s dtype.
 
     ``weight`` holds the exact served weight (fp32, decoded from the stored tensors); ``Q_a`` is
     the format's activation fake-quant with the checkpoint's static ``input_global_scale``
-    (identity for weight-only formats).
+    (identity for weight-only formats), through which gradients pass straight (norm tuning).
     """
 
     def __init__(
@@ -64,7 +76,11 @@ class ServedLinear(nn.Linear):
         self.register_buffer("input_global_scale", igs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.fmt.fake_quant_activation(x.float(), self.input_global_scale)
+        xf = x.float()
+        if xf.requires_grad and torch.is_grad_enabled():  # gradients pass straight through the rounding
+            xq = _StraightThrough.apply(xf, self.fmt.fake_quant_activation(xf.detach(), self.input_global_scale))
+        else:
+            xq = self.fmt.fake_quant_activation(xf, self.input_global_scale)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(xq.float(), self.weight, bias).to(x.dtype)
 

@@ -184,7 +184,7 @@ def _norm_like(module: nn.Module, width: int) -> bool:
 GAIN_OFFSETS = (0.0, 1.0)
 
 
-def _gain_offset(norm: nn.Module) -> float | None:
+def gain_offset(norm: nn.Module) -> float | None:
     """``c`` such that ``norm(x) == n(x) * (c + weight)`` for a ``c`` of :data:`GAIN_OFFSETS`
     (checked in fp32 on a copy of the norm with a probe input: weight as it is, zero and one), or None."""
     probe = copy.deepcopy(norm).float()
@@ -517,7 +517,7 @@ def _choose_fold(
     """``(s, alpha, gain offset)`` to fold for ``m``, why it cannot fold, or None when no fold beats none."""
     weights = [modules[c].weight for c in m.consumers]
     producer = modules[m.producer]
-    offset = _gain_offset(producer) if m.kind == "norm" else 0.0
+    offset = gain_offset(producer) if m.kind == "norm" else 0.0
     if offset is None:
         return f"{m.producer}: its output is neither w * n(x) nor (1 + w) * n(x)"
 

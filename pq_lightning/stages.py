@@ -1,7 +1,7 @@
 """The stages of ``quantize``, one function each: what it reads, what it returns, its cache key.
 
     load ─► calibration ─► body ─► probe (Fisher statistics + smoothing statistics, one pass)
-         ─► cost ─► plan ─► per budget: fold ─► refine ─► export ─► evaluate ─► report
+         ─► cost ─► plan ─► per budget: fold ─► refine ─► tune ─► export ─► evaluate ─► report
 
 With ``refine.walk: shared`` the budgets' folds are found first and one walk (:func:`refine_shared`)
 refines them all; each budget is then folded again for its export and evaluation.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig
+from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig, TuneConfig
 from .flops import FlopTally, forward_flops_per_token
 from .plan import Plan
 from .smooth import SMOOTH_STATS_VERSION, SmoothConfig, SmoothResult, SmoothStats
@@ -422,6 +422,106 @@ def _run_refiner(run, loaded, refiner, cal, trainer, record):
     return refiner.output
 
 
+# ---- norm tuning -------------------------------------------------------------------------------
+@dataclass
+class Tuned:
+    weights: dict[str, torch.Tensor]  # norm parameter -> tuned value
+    kept: bool  # whether the checkpoint carries them (held-out KL fell, or tune.keep: always)
+    heldout_before: float | None
+    heldout_after: float | None
+    key: str
+
+    def summary(self) -> dict:
+        return {"norms": len(self.weights), "kept": self.kept, "heldout_kl_before": self.heldout_before,
+                "heldout_kl_after": self.heldout_after}
+
+    def save(self, path: Path) -> None:
+        import json
+
+        from safetensors.torch import save
+
+        from .atomic import atomic_write_bytes
+
+        meta = {k: v for k, v in self.summary().items() if k != "norms"}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}
+        atomic_write_bytes(path, save(tensors, metadata={"pq_lightning.tune": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> Tuned:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["pq_lightning.tune"])
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return cls(weights, bool(meta["kept"]), meta["heldout_kl_before"], meta["heldout_kl_after"], key)
+
+
+def tune(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, cal: Calibration, cfg: TuneConfig,
+         trainer: TrainerConfig) -> Tuned | None:
+    """Fit the norm gains of the refined, served model to the model's logits (:class:`NormTuner`, ``Trainer.fit``
+    over the fit windows), scored on the held-out windows before and after; None when off or streamed."""
+    from .streaming import streamer_of
+
+    if not cfg.enabled:
+        return None
+    if streamer_of(loaded.model) is not None:
+        run.console.print("[yellow]tune: skipped (streamed layers: the tuner needs the whole model resident)")
+        return None
+    key = stage_key("tune", refined.key, asdict(cfg))
+    path = run.cache_path("tune", key, ".safetensors")
+    with run.stage("tune") as record:
+        if run.cached(record, path):
+            tuned = Tuned.load(path, key)
+        else:
+            tuned = _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key)
+            if run.is_zero:
+                tuned.save(path)
+            run.barrier()
+    before, after = (f"{v:.5f}" if v is not None else "-" for v in (tuned.heldout_before, tuned.heldout_after))
+    run.console.print(f"tune: {len(tuned.weights)} norms, held-out KL {before} -> {after}, "
+                      + ("kept" if tuned.kept else "not kept (the refined norms are written)"))
+    return tuned
+
+
+def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
+    from torch.utils.data import DataLoader
+
+    from .callbacks import HeapTrim
+    from .data import WindowDataset
+    from .models import language_model_layers
+    from .norm_tune import served_student, tunable_norms
+    from .norm_tuner_module import NormTuner
+
+    layers, _ = language_model_layers(loaded.model)
+    norms = tunable_norms(loaded.model, layers, f"{layers.rpartition('.')[0]}.norm")
+    student = served_student(loaded.model, plan_.formats, refined.output.packed, refined.output.input_amax,
+                             plan_.groups)
+    tuner = NormTuner(loaded.model, student, norms, lr=cfg.lr)
+    lt = _lightning_trainer(trainer, run, callbacks=[HeapTrim()], max_epochs=1, num_sanity_val_steps=0,
+                            use_distributed_sampler=False)
+    # every epoch's shuffle laid out in one pass; under DDP each global batch of batch_size windows is split
+    # over the ranks, so every step sees the windows one process would
+    g = torch.Generator().manual_seed(0)
+    order = torch.cat([torch.randperm(cal.fit.shape[0], generator=g) for _ in range(cfg.epochs)])
+    world, rank = lt.world_size, lt.global_rank
+    per_rank = cfg.batch_size // world if cfg.batch_size % world == 0 else cfg.batch_size
+    steps = order.numel() // (per_rank * world)
+    mine = order[: steps * per_rank * world].view(steps, world, per_rank)[:, rank].reshape(-1)
+    fit = DataLoader(WindowDataset(cal.fit[mine]), batch_size=per_rank)
+    held = cal.heldout if cal.heldout.shape[0] else cal.fit[-cfg.batch_size:]  # no held-out: the last fit batch
+    held = held[rank::world] if held.shape[0] >= world else held  # every rank validates (its reduce is collective)
+    held = DataLoader(WindowDataset(held), batch_size=per_rank)
+    lt.validate(tuner, dataloaders=held, verbose=False)
+    before = tuner.heldout_kl
+    lt.fit(tuner, train_dataloaders=fit)
+    lt.validate(tuner, dataloaders=held, verbose=False)
+    after = tuner.heldout_kl
+    kept = cfg.keep == "always" or (after is not None and before is not None and after < before)
+    return Tuned(tuner.weights(), kept, before, after, key)
+
+
 @dataclass
 class Exported:
     checkpoint: Path  # where it is published at the end of the run
@@ -432,14 +532,17 @@ class Exported:
 
 
 def export(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, label: str, *,
-           manifest: dict) -> Exported:
-    """Write ``checkpoint-<label>`` into ``work/`` (rank zero), published at the end of the run; "up to date"
-    when the published (or staged) folder's manifest names this refine and its files are those it lists."""
+           manifest: dict, tuned: Tuned | None = None) -> Exported:
+    """Write ``checkpoint-<label>`` into ``work/`` (rank zero), published at the end of the run, with the tuned
+    norms when they were kept; "up to date" when the published (or staged) folder's manifest names this
+    refine (and tune) and its files are those it lists."""
     from .export import body_bpp_from_checkpoint, checkpoint_digest, export_checkpoint
+    from .norm_tune import swapped_weights
     from .output_dir import reusable_checkpoint, staged_checkpoint
 
     ckpt = run.out / f"checkpoint-{label}"
-    key = stage_key("export", refined.key)
+    norms = tuned.weights if tuned is not None and tuned.kept else {}
+    key = stage_key("export", refined.key, *([tuned.key] if norms else []))
     staged = staged_checkpoint(run.work, label, key)
     with run.stage("export") as record:
         source = run.agree(lambda: reusable_checkpoint((ckpt, staged), key, say=run.console.print))
@@ -449,11 +552,12 @@ def export(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined,
         else:
             source = staged
             if run.is_zero:
-                export_checkpoint(
-                    loaded.model, plan_.formats, staged, quantized=refined.output.packed,
-                    input_amax=refined.output.input_amax, fused_groups=plan_.groups, tokenizer=loaded.tokenizer,
-                    overwrite=True, manifest={**manifest, "stage_key": key},
-                )
+                with swapped_weights(loaded.model, norms):  # the reference keeps its own norms
+                    export_checkpoint(
+                        loaded.model, plan_.formats, staged, quantized=refined.output.packed,
+                        input_amax=refined.output.input_amax, fused_groups=plan_.groups, tokenizer=loaded.tokenizer,
+                        overwrite=True, manifest={**manifest, "stage_key": key},
+                    )
             run.barrier()
         bpp = body_bpp_from_checkpoint(source, list(plan_.linears))
     return Exported(ckpt, bpp, key, Path(source), checkpoint_digest(source))

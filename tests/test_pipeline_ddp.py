@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.distributed
@@ -46,3 +47,31 @@ def test_two_ddp_processes_write_the_same_checkpoint_as_one(tmp_path, tiny_model
     assert rb["settings"]["trainer"]["strategy"] == "ddp"
     # rank zero alone wrote the outputs: one plan, one report, no stray files from rank one
     assert sorted(p.name for p in (tmp_path / "two").glob("plan-*.json")) == ["plan-6bpp.json"]
+
+
+def test_two_ddp_processes_tune_the_norms_as_one(tmp_path, tiny_model_dir):
+    """Norm tuning under DDP: each step's windows split over the ranks, gradients averaged, so the tuned
+    norms equal one process's up to the order of the gradient sums."""
+    from safetensors.torch import load_file
+
+    cfg = {
+        "model": str(tiny_model_dir), "dtype": "float32", "target_bits": 4.5, "pareto_bits": [4.5],
+        "calibration": {"source": str(tmp_path / "text.txt"), "seqlen": 32, "num_samples": 10, "batch_size": 2,
+                        "holdout_fraction": 0.2},
+        "evaluation": {"enabled": False}, "smooth": {"enabled": False},
+        "tune": {"enabled": True, "epochs": 2, "lr": 2e-2, "batch_size": 2, "keep": "always"},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    runs = [_quantize(tmp_path / "cfg.yaml", tmp_path / "one"),
+            _quantize(tmp_path / "cfg.yaml", tmp_path / "two", "--trainer.strategy", "ddp", "--trainer.devices", "2")]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    (a,), (b,) = ((tmp_path / d / "work").glob("tune-*.safetensors") for d in ("one", "two"))
+    ta, tb = load_file(a), load_file(b)
+    src = load_file(next(tiny_model_dir.glob("*.safetensors")))
+    assert sorted(ta) == sorted(tb) and len(ta) == 5
+    for k in ta:
+        assert (ta[k] - src[k]).abs().max() > 1e-3, k  # tuned, not left as they were
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-4, atol=1e-6)
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert rb["tune"]["heldout_kl_after"] == pytest.approx(ra["tune"]["heldout_kl_after"], rel=1e-4)

@@ -14,8 +14,8 @@ from pq_lightning.formats import get_format
 from pq_lightning.smooth import (
     SmoothConfig,
     SmoothMapping,
-    _gain_offset,
     exact_scales,
+    gain_offset,
     refold_smoothing,
     smooth_model,
     smoothing_scales,
@@ -144,16 +144,16 @@ class _SquareNorm(_OnePlusNorm):
 
 
 def test_the_gain_form_of_a_norm_is_found_on_the_norm_itself(make_tiny_llama, make_tiny_gemma3):
-    assert _gain_offset(_OnePlusNorm(4)) == 1.0
-    assert _gain_offset(make_tiny_gemma3().model.layers[0].input_layernorm) == 1.0
+    assert gain_offset(_OnePlusNorm(4)) == 1.0
+    assert gain_offset(make_tiny_gemma3().model.layers[0].input_layernorm) == 1.0
     norm = make_tiny_llama().model.layers[0].input_layernorm
     saved = norm.weight.detach().clone()
-    assert _gain_offset(norm) == 0.0
+    assert gain_offset(norm) == 0.0
     assert torch.equal(norm.weight, saved)  # the check leaves the weight as it found it
     square = _SquareNorm(4)
     with torch.no_grad():
         square.weight.fill_(1.5)
-    assert _gain_offset(square) is None
+    assert gain_offset(square) is None
 
 
 def test_exact_scales_by_hand():
