@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .lm_head import HeadSplit, positions_per_chunk, split_head
+from .lm_head import HeadSplit, RunFn, positions_per_chunk, split_head
 from .smooth import gain_offset
 
 
@@ -109,7 +109,7 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator
                 params[k].copy_(v)
 
 
-def _run(model: nn.Module) -> callable:
+def _run(model: nn.Module) -> RunFn:
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
