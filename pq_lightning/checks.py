@@ -29,10 +29,10 @@ def expand_path(path: str | None) -> str | None:
 
 def expand_paths(output_dir: str, model: str | None, calibration: Any, evaluation: Any) -> tuple:
     """``output_dir``, ``model``, ``calibration.source`` and ``evaluation.path`` with ``~`` / ``$VARS`` expanded."""
-    from .data import BUILTIN, HF_PREFIX
+    from .data import BUILTIN, GENERATED, HF_PREFIX
 
     source = calibration.source
-    if source != BUILTIN and not source.startswith(HF_PREFIX):
+    if source not in (BUILTIN, GENERATED) and not source.startswith(HF_PREFIX):
         calibration = dataclasses.replace(calibration, source=expand_path(source))
     evaluation = dataclasses.replace(evaluation, path=expand_path(evaluation.path))
     return expand_path(output_dir), expand_path(model), calibration, evaluation
@@ -129,14 +129,14 @@ def _check_regex(what: str, rx: Any) -> None:
 
 
 def _check_source(source: str) -> None:
-    from .data import BUILTIN, HF_PREFIX
+    from .data import BUILTIN, GENERATED, HF_PREFIX
 
-    if source == BUILTIN or source.startswith(HF_PREFIX):
+    if source in (BUILTIN, GENERATED) or source.startswith(HF_PREFIX):
         return
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"--calibration.source {source} is not a file; pass a .txt or .jsonl file, 'builtin' "
-                        "or hf:NAME[:CONFIG][:SPLIT]")
+        raise UserError(f"--calibration.source {source} is not a file; pass a .txt or .jsonl file, 'builtin', "
+                        "'generated' (sampled from the model) or hf:NAME[:CONFIG][:SPLIT]")
     if path.suffix not in (".txt", ".jsonl"):
         raise UserError(f"--calibration.source {source}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
 

@@ -13,7 +13,12 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Calibration windows (probe, GPTQ Hessians and held-out scoring)."""
+    """Calibration windows (probe, GPTQ Hessians and held-out scoring).
+
+    ``source``: ``builtin`` (Python's docstrings, offline), a ``.txt`` / ``.jsonl`` file,
+    ``hf:NAME[:CONFIG][:SPLIT]``, or ``generated`` (sampled from the model itself:
+    :mod:`pq_lightning.self_generated`).
+    """
 
     source: str = "builtin"
     seqlen: int = 512
@@ -139,7 +144,10 @@ class TuneConfig:
     quantized Linears fitted to the unquantized model's logits (KL, full vocabulary) over the
     calibration windows, by ``epochs`` passes of Adam at ``lr`` (a relative step per gain, cosine to
     zero) over batches of ``batch_size`` windows. ``keep``: ``better`` keeps the tuned gains only when the KL on the held-out windows fell
-    (else the checkpoint carries the refined model's norms); ``always`` keeps them.
+    (else the checkpoint carries the refined model's norms); ``always`` keeps them. ``norms``:
+    ``inputs`` tunes the norms whose output is a Linear's input (every norm of a Llama; on Gemma-3 not
+    the post-attention / post-feed-forward norms on the residual side, nor the q/k norms), ``all``
+    every norm of the decoder layers and the final norm.
 
     Opt-in: on SmolLM2-135M at 4.5 bpp it lowered ``kl_conf`` on WikiText-2 test 9.5 % at 64 x 512
     calibration tokens (7 % in a prototype at 16 x 256, where two held-out windows were too few to
@@ -151,8 +159,11 @@ class TuneConfig:
     lr: float = 5e-3
     batch_size: int = 2
     keep: Literal["better", "always"] = "better"
+    norms: Literal["inputs", "all"] = "inputs"
 
     def __post_init__(self) -> None:
+        if self.norms not in ("inputs", "all"):
+            raise ValueError(f"tune.norms must be 'inputs' or 'all', got {self.norms!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"tune.epochs and tune.batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -12,6 +12,8 @@ Pure functions first (:func:`load_texts`, :func:`make_windows`, :func:`eval_wind
 Text sources (``source=``): ``builtin`` (an offline corpus of Python's own docstrings, the default),
 a local ``.txt`` file, a local ``.jsonl`` file with ``text`` or ``messages`` rows, or a Hugging Face
 dataset ``hf:NAME[:CONFIG][:SPLIT]`` (needs the optional ``datasets`` package and a reachable hub).
+``generated`` windows are sampled from the model (:mod:`pq_lightning.self_generated`); they need the
+model, so ``quantize`` makes them and hands them over with :meth:`CalibrationData.from_windows`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from pq_lightning.builtin_corpus import builtin_documents
 
 BUILTIN = "builtin"
+GENERATED = "generated"
 HF_PREFIX = "hf:"
 
 
@@ -148,6 +151,10 @@ def load_texts(
     """
     if source == BUILTIN:
         return list(builtin_documents())
+    if source == GENERATED:
+        raise ValueError(
+            "Calibration source 'generated' is sampled from the model, not read from text: pq-lightning quantize "
+            "makes it; elsewhere pass CalibrationData.from_windows(self_generated.sample_windows(model, ...)).")
     if source.startswith(HF_PREFIX):
         return _load_hf_texts(source, tokenizer, split, text_field)
     path = Path(source).expanduser()
@@ -350,6 +357,20 @@ class CalibrationData(lightning.LightningDataModule):
         """Build with an already-loaded tokenizer object (tests, notebooks); other args as in ``__init__``."""
         data = cls(**kwargs)
         data._tokenizer = tokenizer
+        return data
+
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor, *, num_samples: int, tokenizer: Any = None, source: str = GENERATED,
+                     **kwargs: Any) -> CalibrationData:
+        """Windows made elsewhere (:func:`pq_lightning.self_generated.sample_windows`): the first
+        ``num_samples`` are the calibration windows, the rest the held-out ones (as many as
+        ``holdout_fraction`` asks for). Other args as in ``__init__``."""
+        data = cls(source=source, seqlen=int(windows.shape[1]), num_samples=num_samples, **kwargs)
+        if windows.dim() != 2 or windows.shape[0] != num_samples + data.num_holdout:
+            raise ValueError(f"from_windows: expected [{num_samples + data.num_holdout}, seqlen] windows "
+                             f"({num_samples} + {data.num_holdout} held out), got {list(windows.shape)}")
+        data._tokenizer = tokenizer
+        data._windows, data._holdout = windows[:num_samples].long(), windows[num_samples:].long()
         return data
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,32 @@ def tunable_norms(model: nn.Module, layer_prefix: str, final_norm: str | None) -
         if offset is not None:
             out[name] = offset
     return out
+
+
+@torch.no_grad()
+def norms_feeding_linears(model: nn.Module, norms: Iterable[str], input_ids: Tensor) -> set[str]:
+    """The names among ``norms`` whose output (or a view of it: the head's slice of the last positions)
+    is an ``nn.Linear``'s input in a forward pass of ``input_ids``, found by tensor identity; a
+    residual-side norm (Gemma's post-attention and post-feed-forward norms) or a q/k norm is not."""
+    outputs: dict[int, tuple[str, Tensor]] = {}  # the tensors are held, so no id is reused during the pass
+    fed: set[str] = set()
+
+    def produced(name: str):
+        return lambda module, args, out: outputs.__setitem__(id(out), (name, out))
+
+    def consumed(module, args):
+        for t in (args[0], args[0]._base) if args and isinstance(args[0], Tensor) else ():
+            if t is not None and id(t) in outputs:
+                fed.add(outputs[id(t)][0])
+
+    hooks = [model.get_submodule(n).register_forward_hook(produced(n)) for n in norms]
+    hooks += [m.register_forward_pre_hook(consumed) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return fed
 
 
 def served_student(model: nn.Module, plan: Mapping[str, str], quantized: Mapping[str, Mapping[str, Tensor]],

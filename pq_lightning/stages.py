@@ -29,7 +29,7 @@ from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, Tr
 from .flops import FlopTally, forward_flops_per_token
 from .plan import Plan
 from .smooth import SMOOTH_STATS_VERSION, SmoothConfig, SmoothResult, SmoothStats
-from .stage_runner import StageRunner, stage_key
+from .stage_runner import StageRecord, StageRunner, stage_key
 
 #: Largest fp32 ``Q(W)`` cache (all body Linears x formats) the probe keeps, in bytes (no decode per step).
 FP32_QWEIGHT_CACHE_BYTES = 2**30
@@ -102,19 +102,55 @@ class Calibration:
 
 
 def calibration(run: StageRunner, loaded: LoadedModel, cfg: CalibrationConfig) -> Calibration:
-    """Tokenise the source once into BOS-prefixed windows; their identity is their token ids."""
-    from .data import CalibrationData, windows_fingerprint
+    """Tokenise the source once into BOS-prefixed windows (or sample them from the model: ``generated``);
+    their identity is their token ids."""
+    from .data import GENERATED, CalibrationData, windows_fingerprint
 
-    with run.stage("calibration"):
+    with run.stage("calibration") as record:
         data = CalibrationData.from_tokenizer(
             loaded.tokenizer, source=cfg.source, seqlen=cfg.seqlen, num_samples=cfg.num_samples, seed=cfg.seed,
             batch_size=cfg.batch_size, holdout_fraction=cfg.holdout_fraction,
         )
+        if cfg.source == GENERATED:
+            windows = _generated_windows(run, record, loaded, cfg, cfg.num_samples + data.num_holdout)
+            data = CalibrationData.from_windows(windows, num_samples=cfg.num_samples, tokenizer=loaded.tokenizer,
+                                                seed=cfg.seed, batch_size=cfg.batch_size,
+                                                holdout_fraction=cfg.holdout_fraction)
         data.setup()
         fp = stage_key(windows_fingerprint(data.windows), windows_fingerprint(data.holdout_windows), cfg.batch_size)
         device = next(loaded.model.parameters()).device
         flops = forward_flops_per_token(loaded.model, data.windows[:1].to(device))
     return Calibration(data, fp, flops)
+
+
+def _generated_windows(run: StageRunner, record: StageRecord, loaded: LoadedModel, cfg: CalibrationConfig,
+                       count: int) -> torch.Tensor:
+    """Windows sampled from the model (:mod:`pq_lightning.self_generated`), cached by the model's
+    fingerprint and the sampler's settings; rank zero samples and shares them where a process group
+    exists already (before it, every rank draws the same windows from the same seeds)."""
+    from safetensors.torch import load_file, save
+
+    from .atomic import atomic_write_bytes
+    from .self_generated import SAMPLER_VERSION, banned_tokens, sample_windows
+    from .streaming import streamer_of
+
+    if streamer_of(loaded.model) is not None:
+        raise ValueError("calibration.source 'generated' samples with a KV cache and needs the whole model in "
+                         "memory; drop --memory_cap_gb or pass a text source")
+    key = stage_key("generated", loaded.fingerprint, cfg.seqlen, count, cfg.seed, SAMPLER_VERSION)
+    path = run.cache_path("generated", key, ".safetensors")
+    if run.cached(record, path):
+        return load_file(str(path))["windows"]
+
+    def sample() -> torch.Tensor:
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        windows = sample_windows(loaded.model, bos_id=loaded.tokenizer.bos_token_id, count=count,
+                                 seqlen=cfg.seqlen, seed=cfg.seed, banned=banned_tokens(loaded.tokenizer, vocab),
+                                 track=run.track)
+        atomic_write_bytes(path, save({"windows": windows.contiguous()}))
+        return windows
+
+    return run.agree(sample)
 
 
 # ---- body ---------------------------------------------------------------------------------------
@@ -491,11 +527,14 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
     from .callbacks import HeapTrim
     from .data import WindowDataset
     from .models import language_model_layers
-    from .norm_tune import served_student, tunable_norms
+    from .norm_tune import norms_feeding_linears, served_student, tunable_norms
     from .norm_tuner_module import NormTuner
 
     layers, _ = language_model_layers(loaded.model)
     norms = tunable_norms(loaded.model, layers, f"{layers.rpartition('.')[0]}.norm")
+    if cfg.norms == "inputs":
+        fed = norms_feeding_linears(loaded.model, norms, cal.fit[:1, :16].to(next(loaded.model.parameters()).device))
+        norms = {k: v for k, v in norms.items() if k in fed}
     student = served_student(loaded.model, plan_.formats, refined.output.packed, refined.output.input_amax,
                              plan_.groups)
     tuner = NormTuner(loaded.model, student, norms, lr=cfg.lr)

@@ -13,6 +13,7 @@ from pq_lightning.norm_tune import (
     GainScale,
     attach_gains,
     kl_to_reference,
+    norms_feeding_linears,
     served_student,
     swapped_weights,
     tunable_norms,
@@ -66,6 +67,19 @@ def test_tunable_norms_of_llama_are_the_layer_norms_and_the_final_one(tiny_llama
     norms = tunable_norms(tiny_llama, "model.layers", "model.norm")
     want = {f"model.layers.{i}.{k}" for i in range(2) for k in ("input_layernorm", "post_attention_layernorm")}
     assert norms == dict.fromkeys(want | {"model.norm"}, 0.0)
+
+
+def test_norms_feeding_linears_are_the_linear_inputs(tiny_llama, make_tiny_gemma3):
+    """By hand from the two architectures: Llama's norms all feed a Linear (the final one the head, through
+    the head's slice); Gemma-3's post-attention / post-feed-forward norms feed the residual, its q/k norms
+    the attention scores."""
+    llama = tunable_norms(tiny_llama, "model.layers", "model.norm")
+    assert norms_feeding_linears(tiny_llama, llama, _ids(1, 6)) == set(llama)
+    gemma = make_tiny_gemma3()
+    norms = tunable_norms(gemma, "model.layers", "model.norm")
+    want = {f"model.layers.{i}.{k}" for i in range(2) for k in ("input_layernorm", "pre_feedforward_layernorm")}
+    assert norms_feeding_linears(gemma, norms, _ids(1, 6)) == want | {"model.norm"}
+    assert len(norms) == 13  # 6 per layer and the final one
 
 
 def test_chunked_kl_equals_the_full_logit_kl_and_its_gradient(tiny_llama):
@@ -170,7 +184,8 @@ def test_norm_tuner_lowers_the_kl_on_its_windows(make_tiny_llama):
 
 
 def test_tune_config_refuses_bad_values():
-    for bad in (dict(epochs=0), dict(lr=0.0), dict(lr=float("nan")), dict(keep="sometimes"), dict(batch_size=0)):
+    for bad in (dict(epochs=0), dict(lr=0.0), dict(lr=float("nan")), dict(keep="sometimes"), dict(batch_size=0),
+                dict(norms="some")):
         with pytest.raises(ValueError, match="tune"):
             TuneConfig(**bad)
 
