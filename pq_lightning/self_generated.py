@@ -32,12 +32,12 @@ def window_uniforms(seed: int, index: int, steps: int) -> Tensor:
     return torch.rand(steps, generator=g, dtype=torch.float64)
 
 
-def inverse_cdf(logits: Tensor, uniforms: Tensor, banned: Sequence[int] = ()) -> Tensor:
+def inverse_cdf(logits: Tensor, uniforms: Tensor, banned: Sequence[int] | Tensor = ()) -> Tensor:
     """One token per row of ``logits`` ``[rows, vocab]``: the first whose cumulative probability
     (float64, banned tokens at zero) exceeds ``uniforms[row]`` times the total."""
     z = logits.double()
-    if banned:
-        z[:, list(banned)] = float("-inf")
+    if len(banned):
+        z[:, banned] = float("-inf")
     cdf = torch.softmax(z, dim=-1).cumsum(-1)
     target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(z.shape[-1] - 1)
@@ -46,14 +46,16 @@ def inverse_cdf(logits: Tensor, uniforms: Tensor, banned: Sequence[int] = ()) ->
 @torch.no_grad()
 def _sample_batch(model: nn.Module, bos_id: int, uniforms: Tensor, banned: Sequence[int]) -> Tensor:
     device = next(model.parameters()).device
+    banned_ids = torch.tensor(banned, dtype=torch.long, device=device)  # indexed once per step, built once
+    uniforms = uniforms.to(device)
     token = torch.full((uniforms.shape[0], 1), bos_id, dtype=torch.long, device=device)
-    tokens, past = [token.cpu()], None
+    tokens, past = [token], None
     for step in range(uniforms.shape[1]):
         out = model(input_ids=token, past_key_values=past, use_cache=True)
         past = out.past_key_values
-        token = inverse_cdf(out.logits[:, -1], uniforms[:, step], banned).unsqueeze(1)
-        tokens.append(token.cpu())
-    return torch.cat(tokens, dim=1)
+        token = inverse_cdf(out.logits[:, -1], uniforms[:, step], banned_ids).unsqueeze(1)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1).cpu()
 
 
 def sample_windows(model: nn.Module, *, bos_id: int, count: int, seqlen: int, seed: int = 0,
