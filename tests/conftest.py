@@ -40,11 +40,13 @@ import contextlib
 import os
 import string
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 128
 
 _TOKENIZER_TRAINING_TEXT = [
@@ -70,6 +72,17 @@ def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def build_tiny_tokenizer() -> Any:
