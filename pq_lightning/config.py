@@ -106,6 +106,13 @@ class RefineConfig:
     ``sweep_grid``: the multipliers of each 16-group's amax the NVFP4 scale sweep tries;
     ``scale_headroom``: NVFP4 weight global scale ``448·6 / (headroom · amax)`` (a power of two: RTN
     unchanged), which lets the largest groups take multipliers above 1 too.
+    ``reprice``: before the budgets' plans are final, refine the plan of the fewest bits (every
+    Linear in its smallest format: all NVFP4) once, scale each Linear's predicted Δloss under the
+    formats refine improves by what refine delivered on it (held-out output error after refine over
+    RTN's, weight and input error together: :func:`pq_lightning.cost.price_refined`), and plan every
+    budget again on those prices. Costs that one walk (shared with a 4.5-bpp budget, whose plan it
+    is) and two ``[in, in]`` sums per W4A4 group in every walk; needs ``gptq`` and the ``output``
+    estimator.
     """
 
     gptq: bool = True
@@ -123,8 +130,11 @@ class RefineConfig:
     compensate_damp: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     sweep_grid: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2])
     scale_headroom: float = 1.0
+    reprice: bool = False
 
     def __post_init__(self) -> None:
+        if self.reprice and not self.gptq:
+            raise ValueError("refine.reprice prices what GPTQ and the sweep deliver: it needs refine.gptq true")
         if self.walk not in ("sequential", "shared"):
             raise ValueError(f"refine.walk must be 'sequential' or 'shared', got {self.walk!r}")
         if self.compensate_inputs and (not self.compensate_damp or any(
@@ -149,13 +159,13 @@ class TuneConfig:
     the post-attention / post-feed-forward norms on the residual side, nor the q/k norms), ``all``
     every norm of the decoder layers and the final norm.
 
-    Opt-in: ``kl_conf`` on WikiText-2 test fell at 16 x 256 calibration tokens on SmolLM2-135M (4.5 bpp
-    -5 %, 6.0 bpp -3 %) and Gemma-3-270M (-17 %, -4 %; ``norms: all`` raised its 6.0-bpp KL 7 %), and at
-    64 x 512 on SmolLM2 at 4.5 bpp (-9.5 %); SmolLM2 6.0 and Gemma-3-270M at 64 x 512 are not measured
-    yet (the README has the figures).
+    On by default: KL on WikiText-2 test fell on SmolLM2-135M and Gemma-3-270M at 4.5 and 6.0 bpp, at
+    16 x 256 and at 64 x 512 calibration tokens (at 64 x 512 ``kl_conf`` -9.5 % / -1.4 % on SmolLM2,
+    -16 % / -6 % on Gemma-3; ``norms: all`` raised Gemma's 6.0-bpp KL 7 %; the README has the figures).
+    ``enabled: false`` writes the refined model's norms as they are.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     epochs: int = 2
     lr: float = 5e-3
     batch_size: int = 2

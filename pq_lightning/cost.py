@@ -40,6 +40,8 @@ class LinearCost:
     unsupported: dict[str, str] = field(default_factory=dict)
     #: Format -> the factor its ``dloss`` was scaled by for the smoothing fold it will carry (:func:`price_folds`).
     fold_ratio: dict[str, float] = field(default_factory=dict)
+    #: Format -> the factor its ``dloss`` was scaled by for what GPTQ / the sweep delivered (:func:`price_refined`).
+    refine_ratio: dict[str, float] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -129,14 +131,32 @@ def price_folds(costs: Mapping[str, LinearCost], fmt_name: str, ratios: Mapping[
     weight-and-activation error that estimator measures, while ``trace`` / ``diag`` price the weight
     error alone (which a fold raises).
     """
+    return _scale(costs, fmt_name, ratios, "fold_ratio")
+
+
+def price_refined(costs: Mapping[str, LinearCost], fmt_name: str, gains: Mapping[str, float]) -> int:
+    """Scale each Linear's predicted ``Δloss`` under ``fmt_name`` by ``gains[name]``, the ratio of its
+    held-out output error after refine (GPTQ / scale sweep, behind its fold) to RTN's, both against
+    the unquantized Linear (:attr:`pq_lightning.refine.LinearDecision.refine_gain`); the number of
+    Linears repriced.
+
+    The probe prices a format by RTN on the unfolded model, while the checkpoint carries refined
+    weights: where refine pays most, the format was priced too dear. Like :func:`price_folds` this is
+    a ratio of the weight-and-activation error, so it belongs with the ``output`` estimator.
+    """
+    return _scale(costs, fmt_name, gains, "refine_ratio")
+
+
+def _scale(costs: Mapping[str, LinearCost], fmt_name: str, ratios: Mapping[str, float], record: str) -> int:
     n = 0
     for name, ratio in ratios.items():
         c = costs.get(name)
         if c is None or fmt_name not in c.dloss:
             continue
         if not ratio >= 0:
-            raise ValueError(f"fold ratio of {name} under {fmt_name} is {ratio}; it must be a non-negative number")
+            raise ValueError(f"{record.replace('_', ' ')} of {name} under {fmt_name} is {ratio}; it must be a "
+                             "non-negative number")
         c.dloss[fmt_name] *= ratio
-        c.fold_ratio[fmt_name] = ratio
+        getattr(c, record)[fmt_name] = ratio
         n += 1
     return n

@@ -733,7 +733,12 @@ class GPTQConfig:
       same bit for bit, while the largest groups' FP8 scales get room for ``sweep_grid`` multipliers
       above 1 (a group's largest value mapped to 4 instead of 6 with 1.5). Off by default: with
       ``sweep_grid`` up to 1.5 it lowered SmolLM2's 4.5-bpp KL but raised Gemma-3-270M's ``kl_conf``
-      (README, quality levers).
+      (README, quality levers);
+    * ``measure_input_error``: the refiner also collects each W4A4 group's input error and records,
+      per Linear, the held-out error the quantized input adds to RTN's and to the packed weight
+      (:attr:`pq_lightning.refine.LinearDecision.heldout_act_rtn`), so the gate's weight-only errors
+      become errors against the unquantized Linear (what the probe's ``output`` estimator prices).
+      Changes no weight.
     """
 
     dampening: tuple[float, ...] = (0.03, 0.1)
@@ -749,6 +754,7 @@ class GPTQConfig:
     compensate_inputs: bool = False
     compensate_damp: tuple[float, ...] = (0.01, 0.1, 1.0)
     scale_headroom: float = 1.0
+    measure_input_error: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dampening", tuple(float(d) for d in self.dampening))

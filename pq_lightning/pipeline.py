@@ -1,6 +1,6 @@
 """The main job, ``pq-lightning quantize``: the chain of stages of :mod:`pq_lightning.stages`.
 
-    load ─► calibration ─► body ─► probe ─► cost ─► plan ─► per budget: fold ─► refine ─► tune ─► export
+    load ─► calibration ─► body ─► probe ─► cost ─► plan [─► reprice ─► plan] ─► per budget: fold ─► refine ─► tune ─► export
          ─► evaluate ─► report
 
 Which file holds what: loading ``models.py``; windows ``data.py``; the probe ``callbacks/fisher_probe.py``
@@ -30,6 +30,7 @@ from dataclasses import asdict
 from . import stages
 from .checks import check_model_source, check_pins_bans, check_settings, expand_paths
 from .config import CalibrationConfig, EvalConfig, ProbeConfig, RefineConfig, TrainerConfig, TuneConfig
+from .errors import UserError
 from .output_dir import OutputDir, budget_inputs_key
 from .plan import budget_label
 from .smooth import SmoothConfig, refold_smoothing, unfold_smoothing
@@ -113,7 +114,7 @@ def quantize(
             export. Needs the model in memory: skipped with a warning under ``memory_cap_gb``.
         tune: norm tuning after refine (:mod:`pq_lightning.norm_tune`): the BF16 norm gains fitted to the
             model's logits through the served quantized Linears, kept when the held-out KL falls
-            (opt-in: ``--tune.enabled true``). Needs the model in memory: skipped with a warning under ``memory_cap_gb``.
+            (on by default; ``--tune.enabled false`` turns it off). Needs the model in memory: skipped with a warning under ``memory_cap_gb``.
         trainer: the Lightning Trainer of the probe, the refine and the evaluation (``accelerator``,
             ``devices``, ``strategy``, ``num_nodes``): ``--trainer.strategy ddp --trainer.devices 8``
             runs them in 8 processes.
@@ -131,6 +132,10 @@ def quantize(
     check_settings(targets=targets, formats=formats, estimator=estimator, include=include, exclude=exclude, pins=pins,
                    bans=bans, calibration=calibration, evaluation=evaluation, memory_cap_gb=memory_cap_gb,
                    offload=offload)
+    if refine.reprice and estimator != "output":
+        raise UserError(f"--refine.reprice scales the output-space error the probe measures; with --estimator "
+                        f"{estimator} it would scale a weight-only estimate. Use --estimator output, or drop "
+                        "--refine.reprice")
     check_model_source(model, gguf_file, seqlens=_window_tokens(calibration, evaluation),
                        streamed=memory_cap_gb is not None)
     run = StageRunner(output_dir)
@@ -166,8 +171,15 @@ def _chain(run: StageRunner, outputs: OutputDir, labels: list[str], *, model, gg
     probed = stages.probe(run, loaded, cal, body, formats=formats, output_error=estimator == "output", cfg=probe,
                           smooth=smooth, trainer=trainer)
     costs = stages.cost(run, loaded, body, probed, cal, formats=formats, estimator=estimator, smooth=smooth)
-    plans = stages.plan(run, loaded, costs, targets=targets, formats=formats, estimator=estimator, pins=pins,
-                        bans=bans, sweep_bits=list(pareto_bits or DEFAULT_SWEEP))
+    def plan_all() -> stages.Plans:
+        return stages.plan(run, loaded, costs, targets=targets, formats=formats, estimator=estimator, pins=pins,
+                           bans=bans, sweep_bits=list(pareto_bits or DEFAULT_SWEEP))
+
+    plans = plan_all()  # priced on RTN; infeasible budgets are refused here, before any walk
+    if refine.reprice:
+        stages.reprice(run, loaded, costs, probed, cal, refine, smooth, trainer, formats=formats, estimator=estimator,
+                       pins=pins, bans=bans)
+        plans = _replanned(run, plans, plan_all())
     eval_windows = stages.evaluation_windows(run, loaded, evaluation)
 
     shared = _shared_walk(run, loaded, plans, probed, smooth, cal, refine, trainer) if refine.walk == "shared" else None
@@ -214,6 +226,16 @@ def _shared_walk(run: StageRunner, loaded, plans: stages.Plans, probed, smooth, 
             unfold_smoothing(loaded.model, folds[label])  # the walk takes the unfolded model
     refined = stages.refine_shared(run, loaded, plans.budgets, cal, refine, folds, probed, smooth, trainer)
     return {label: (folds[label], refined[label]) for label in plans.budgets}
+
+
+def _replanned(run: StageRunner, before: stages.Plans, after: stages.Plans) -> stages.Plans:
+    """``after``, with how many Linears each budget moved to another format said."""
+    for label, p in after.budgets.items():
+        old = before.budgets[label]
+        moved = sum(f != old.formats[n] for n, f in p.formats.items())
+        run.console.print(f"reprice: {label}: {moved} of {len(p.formats)} Linears took another format "
+                          f"({p.format_counts()}; priced on RTN: {old.format_counts()})")
+    return after
 
 
 def _window_tokens(calibration: CalibrationConfig, evaluation: EvalConfig) -> dict[str, int]:

@@ -140,6 +140,11 @@ class LinearDecision:
     ``target_damp``: the candidates were fitted to the input-compensating target at that damping
     (:attr:`~pq_lightning.gptq.GPTQConfig.compensate_inputs`; then every error is the one against the
     unquantized Linear on the unquantized input); ``None``: to the weight itself.
+    ``heldout_act_rtn`` / ``heldout_act_chosen``: what the quantized input adds to the held-out error
+    of RTN's weight and of the packed one, ``2⟨W − Ŵ, W C⟩ + tr(W G Wᵀ)``
+    (:class:`~pq_lightning.input_error.ErrorTerms`), so that ``heldout_* + heldout_act_*`` is the error
+    against the unquantized Linear on the unquantized input; ``0.0`` when the errors already are
+    (``compensate_inputs``), ``None`` when not measured (:attr:`GPTQConfig.measure_input_error`).
     """
 
     name: str
@@ -151,6 +156,17 @@ class LinearDecision:
     heldout_chosen: float | None
     refit: bool = False
     target_damp: float | None = None
+    heldout_act_rtn: float | None = None
+    heldout_act_chosen: float | None = None
+
+    @property
+    def refine_gain(self) -> float | None:
+        """Held-out output error against the unquantized Linear, packed over RTN (weight and input
+        error together; below 1 where refine paid); ``None`` unless the input error was measured."""
+        if self.heldout_act_rtn is None or self.heldout_rtn is None or self.heldout_chosen is None:
+            return None
+        rtn = self.heldout_rtn + self.heldout_act_rtn
+        return (self.heldout_chosen + self.heldout_act_chosen) / rtn if rtn > 0 else 1.0
 
 
 @dataclass
@@ -463,8 +479,8 @@ def _mirror_upper_(H: torch.Tensor) -> torch.Tensor:
 
 def compensates(config: GPTQConfig, fmt: QuantFormat) -> bool:
     """Whether a measured group of ``fmt`` collects its input error: the config asks for input
-    compensation and the format quantizes its input (W4A4 NVFP4, W8A8 FP8)."""
-    return config.compensate_inputs and fmt.quantizes_activations
+    compensation or for its measurement, and the format quantizes its input (W4A4 NVFP4, W8A8 FP8)."""
+    return (config.compensate_inputs or config.measure_input_error) and fmt.quantizes_activations
 
 
 def _input_quantizer(fmt: QuantFormat, igs: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -540,15 +556,30 @@ def _decide(
                          H_refit=H_refit, input_error=input_error)
     if res is not None:
         packed, w_hat = fmt.pack_quantized(res.quantized), res.w_hat
+        errors = {k: {"fit": c.fit, "heldout": c.heldout} for k, c in res.candidates.items()}
+        decision = LinearDecision(name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"],
+                                  errors[res.key]["heldout"], res.refit, res.target_damp)
     else:  # no refinement asked for, or the format has none
         packed, w_hat = _rtn(fmt, Wf, gs)
         errs = _errors(Wf, w_hat, H_fit, H_held, input_error if config.compensate_inputs else None)
-        return packed, w_hat, LinearDecision(name, fmt.name, "rtn", None, {"rtn": errs}, errs["heldout"], errs["heldout"])
-    errors = {k: {"fit": c.fit, "heldout": c.heldout} for k, c in res.candidates.items()}
-    return packed, w_hat, LinearDecision(
-        name, fmt.name, res.method, res.damp, errors, errors["rtn"]["heldout"], errors[res.key]["heldout"], res.refit,
-        res.target_damp,
-    )
+        decision = LinearDecision(name, fmt.name, "rtn", None, {"rtn": errs}, errs["heldout"], errs["heldout"])
+    if input_error is not None and config.measure_input_error:
+        decision.heldout_act_rtn, decision.heldout_act_chosen = _input_error_added(
+            fmt, Wf, w_hat, gs, input_error, already_in=config.compensate_inputs)
+    return packed, w_hat, decision
+
+
+def _input_error_added(fmt: QuantFormat, W: torch.Tensor, w_hat: torch.Tensor, gs: torch.Tensor | None,
+                       input_error: InputErrors, *, already_in: bool) -> tuple[float, float]:
+    """What the quantized input adds to the held-out error of RTN's weight and of ``w_hat``
+    (:attr:`LinearDecision.heldout_act_rtn`); zeros when the decision's errors include it already."""
+    if already_in:
+        return 0.0, 0.0
+    terms = input_error.heldout.terms(W)
+    Wd, P = W.double(), terms.WC.double()
+    added = [2.0 * float(((Wd - w.to(Wd.device).double()) * P).sum()) + terms.const
+             for w in (_rtn(fmt, W, gs)[1], w_hat)]
+    return added[0], added[1]
 
 
 # ---- one layer ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The stages of ``quantize``, one function each: what it reads, what it returns, its cache key.
 
     load ─► calibration ─► body ─► probe (Fisher statistics + smoothing statistics, one pass)
-         ─► cost ─► plan ─► per budget: fold ─► refine ─► tune ─► export ─► evaluate ─► report
+         ─► cost ─► plan [─► reprice ─► plan] ─► per budget: fold ─► refine ─► tune ─► export ─► evaluate ─► report
 
 With ``refine.walk: shared`` the budgets' folds are found first and one walk (:func:`refine_shared`)
 refines them all; each budget is then folded again for its export and evaluation.
@@ -328,6 +328,42 @@ def plan(run: StageRunner, loaded: LoadedModel, costs: dict, *, targets: list[tu
     return Plans(plans, sweep_plans)
 
 
+def reprice(run: StageRunner, loaded: LoadedModel, costs: dict, probe_: ProbeResult, cal: Calibration,
+            cfg: RefineConfig, smooth: SmoothConfig, trainer: TrainerConfig, *, formats: list[str], estimator: str,
+            pins: dict | None, bans: dict | None) -> dict[str, dict[str, float]]:
+    """Refine the plan of the fewest bits (every Linear in its smallest format) and scale each refined
+    Linear's predicted Δloss by what refine delivered on it (:func:`pq_lightning.cost.price_refined`,
+    in place); format -> Linear -> that factor. The walk is an ordinary refine stage: a budget with
+    the same plan (4.5 bpp when all Linears take NVFP4) reads it from the cache."""
+    import statistics
+
+    from .allocate import min_feasible_bits
+    from .cost import price_refined
+    from .plan import build_groups, make_plan
+    from .smooth import unfold_smoothing
+
+    groups = build_groups(costs, model_type=loaded.model_type, formats=formats, pins=pins, bans=bans)
+    floor = make_plan(costs, groups, max_bits=min_feasible_bits(groups), estimator=estimator,
+                      target={"reprice": "fewest bits"})
+    run.console.rule(f"[bold]reprice: refine of {floor.bpp_body:.4f} bpp body, formats {floor.format_counts()}")
+    folds = fold(run, loaded, floor, probe_, smooth, cal)
+    try:
+        refined = refine(run, loaded, floor, cal, cfg, folds, probe_, smooth, trainer)
+    finally:
+        if folds is not None:
+            unfold_smoothing(loaded.model, folds)  # each budget folds its own NVFP4 inputs
+    gains: dict[str, dict[str, float]] = {}
+    for name, d in refined.output.decisions.items():
+        if d.refine_gain is not None:
+            gains.setdefault(d.format, {})[name] = d.refine_gain
+    for fmt, by_name in gains.items():
+        n = price_refined(costs, fmt, by_name)
+        q = statistics.quantiles(by_name.values(), n=4) if len(by_name) > 1 else [*by_name.values()] * 3
+        run.console.print(f"reprice: {fmt} on {n} Linears priced at what refine delivered (error after / RTN: "
+                          f"quartiles {q[0]:.3f} {q[1]:.3f} {q[2]:.3f})")
+    return gains
+
+
 # ---- per budget: fold, refine, export, evaluate ------------------------------------------------
 def fold(run: StageRunner, loaded: LoadedModel, plan_: Plan, probe_: ProbeResult, smooth: SmoothConfig,
          cal: Calibration) -> SmoothResult | None:
@@ -429,7 +465,8 @@ def _gptq_config(cfg: RefineConfig):
     return GPTQConfig(dampening=cfg.dampening, own_scale_dampening=cfg.own_scale_dampening,  # tuples made there
                       block_size=cfg.block_size, act_order=cfg.act_order, sweep=cfg.sweep, refit=cfg.refit,
                       compensate_inputs=cfg.compensate_inputs, compensate_damp=cfg.compensate_damp,
-                      sweep_grid=cfg.sweep_grid, scale_headroom=cfg.scale_headroom)
+                      sweep_grid=cfg.sweep_grid, scale_headroom=cfg.scale_headroom,
+                      measure_input_error=cfg.reprice)
 
 
 def _refiner_kwargs(run: StageRunner, loaded: LoadedModel, cfg: RefineConfig) -> dict:

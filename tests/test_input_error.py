@@ -194,6 +194,50 @@ def test_refiner_records_the_true_error_of_layer0_qproj(quiet_single_thread):
     assert decision.heldout_chosen <= decision.heldout_rtn
 
 
+def test_measured_input_error_completes_the_weight_only_errors(quiet_single_thread):
+    """``measure_input_error`` (for ``refine.reprice``): weight-only gate errors plus what the quantized
+    input adds equal the direct error against the unquantized Linear, and no weight changes."""
+    from conftest import build_tiny_llama
+
+    from pq_lightning.shared_walk import WalkPlan, refine_plans
+
+    model = build_tiny_llama(hidden_size=64, intermediate_size=128)
+    ids = torch.randint(4, 128, (16, 64), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    fit, held = [ids[i : i + 2] for i in range(0, 12, 2)], [ids[i : i + 2] for i in range(12, 16, 2)]
+    plan = {n: "nvfp4" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n}
+    plain = refine_model(model, plan, fit, held, config=GPTQConfig(dampening=(0.01,), refit=False))
+    config = GPTQConfig(dampening=(0.01,), refit=False, measure_input_error=True)
+    out = refine_model(model, plan, fit, held, config=config)
+    name = "model.layers.0.self_attn.q_proj"
+    modules = dict(model.named_modules())
+    q = modules[name]
+    xs: list[torch.Tensor] = []
+    with torch.no_grad():
+        h = q.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, 64).clone()))
+        for b in held:
+            model(input_ids=b, use_cache=False)
+        h.remove()
+    x_h = torch.cat(xs)
+    xq_h = NVFP4.fake_quant_activation(x_h, NVFP4.calibrate_input_global_scale(out.input_amax[name]))
+    d = out.decisions[name]
+    gs = NVFP4.shared_global_scale(modules[f"model.layers.0.self_attn.{p}_proj"].weight for p in "qkv")
+    rtn, served = NVFP4.fake_quant(q.weight.detach(), gs), NVFP4.unpack(out.packed[name])
+    full_rtn, full_served = _direct(q.weight, rtn, x_h, xq_h), _direct(q.weight, served, x_h, xq_h)
+    assert d.heldout_rtn + d.heldout_act_rtn == pytest.approx(full_rtn, rel=1e-4)
+    assert d.heldout_chosen + d.heldout_act_chosen == pytest.approx(full_served, rel=1e-4)
+    assert d.refine_gain == pytest.approx(full_served / full_rtn, rel=1e-4)
+    assert d.heldout_rtn == plain.decisions[name].heldout_rtn  # the weight-only errors as without it
+    for n in plan:
+        for k, v in plain.packed[n].items():
+            assert torch.equal(v.view(torch.uint8), out.packed[n][k].view(torch.uint8)), (n, k)
+        assert out.decisions[n].refine_gain is not None and plain.decisions[n].refine_gain is None
+    (shared,) = refine_plans(model, [WalkPlan(plan)], fit, held, config=config)
+    for p in "qkv":  # the first layer's inputs are the same in both walks
+        n = f"model.layers.0.self_attn.{p}_proj"
+        assert shared.decisions[n].heldout_act_chosen == pytest.approx(out.decisions[n].heldout_act_chosen, rel=1e-5)
+
+
 # ---- shared walk and ranks ---------------------------------------------------------------------
 COMPENSATED = GPTQConfig(dampening=(0.01, 0.1), compensate_inputs=True)
 

@@ -44,6 +44,7 @@ def test_quantize_end_to_end_and_reuse(tmp_path, tiny_model_dir):
                         "holdout_fraction": 0.25},
         "evaluation": {"path": str(tmp_path / "text.txt"), "window": 31, "max_windows": 4, "batch_size": 2},
         "refine": {"dampening": [0.01, 0.1]},
+        "tune": {"enabled": False},  # the norms checked below are the folds alone (tuned ones: test_norm_tune)
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     main(["quantize", "--config", str(tmp_path / "cfg.yaml")])
@@ -109,6 +110,9 @@ def test_quantize_end_to_end_and_reuse(tmp_path, tiny_model_dir):
     report2 = quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=[5.0, 8.0], **_settings(tmp_path))
     assert sorted(work.glob("sensitivity-*.safetensors")) == sens_files
     assert sens_files[0].stat().st_mtime_ns == mtime
+    for label in ("5bpp", "8bpp"):  # norm tuning is on by default
+        tune = report2["targets"][label]["tune"]
+        assert tune["norms"] == 5 and tune["kept"] == (tune["heldout_kl_after"] < tune["heldout_kl_before"])
     kl5 = report2["targets"]["5bpp"]["eval"]["kl_all"]
     kl8 = report2["targets"]["8bpp"]["eval"]["kl_all"]
     assert report2["targets"]["8bpp"]["predicted_dloss"] <= report2["targets"]["5bpp"]["predicted_dloss"]
@@ -119,6 +123,44 @@ def test_quantize_end_to_end_and_reuse(tmp_path, tiny_model_dir):
     report3 = quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=8.0, **_settings(tmp_path))
     assert (out / "checkpoint-8bpp" / "pq_manifest.json").stat().st_mtime_ns == before
     assert report3["eval"] == report2["targets"]["8bpp"]["eval"]
+
+
+def test_reprice_plans_every_budget_on_what_refine_delivered(tmp_path, tiny_model_dir):
+    """``refine.reprice``: the all-NVFP4 plan is refined once (the 4.5-bpp budget reads that walk from
+    the cache), each NVFP4 Δloss is the probe's times the Linear's refine gain, and the 6.0-bpp plan is
+    the allocator's optimum on those prices (no worse under them than the plan priced on RTN)."""
+    from pq_lightning.config import TuneConfig
+    from pq_lightning.errors import UserError
+    from pq_lightning.refine import RefineOutput
+
+    settings = {**_settings(tmp_path), "evaluation": EvalConfig(enabled=False), "tune": TuneConfig(enabled=False)}
+    runs = {}
+    for tag, reprice in (("rtn", False), ("refined", True)):
+        out = tmp_path / tag
+        quantize(model=str(tiny_model_dir), output_dir=str(out), target_bits=[4.5, 6.0],
+                 **{**settings, "refine": RefineConfig(dampening=[0.01, 0.1], reprice=reprice)})
+        runs[tag] = {b: Plan.load(out / f"plan-{b}bpp.json") for b in ("4.5", "6")}
+    refines = sorted((tmp_path / "refined" / "work").glob("refine-*.safetensors"))
+    assert len(refines) == 2  # the pricing walk is the 4.5-bpp budget's
+    floor = next(o for o in map(RefineOutput.load, refines) if {d.format for d in o.decisions.values()} == {"nvfp4"})
+    gains = {n: d.refine_gain for n, d in floor.decisions.items()}
+    assert all(0 < g for g in gains.values()) and min(gains.values()) < 1
+    rtn, refined = runs["rtn"], runs["refined"]
+    for n, lp in refined["4.5"].linears.items():
+        assert lp.predicted_dloss == pytest.approx(rtn["4.5"].linears[n].predicted_dloss * gains[n], rel=1e-12), n
+
+    def repriced(n: str, fmt: str) -> float:  # the refined run's price of (Linear, format) from the RTN run's
+        if fmt == "nvfp4":
+            return rtn["4.5"].linears[n].predicted_dloss * gains[n]
+        return next(p.linears[n].predicted_dloss for p in (rtn["6"], refined["6"]) if p.linears[n].format == fmt)
+
+    assert refined["6"].total_bits <= refined["6"].target["max_bits"]
+    assert refined["6"].predicted_dloss <= sum(repriced(n, lp.format) for n, lp in rtn["6"].linears.items()) + 1e-15
+    with pytest.raises(UserError, match="estimator output"):
+        quantize(model=str(tiny_model_dir), output_dir=str(tmp_path / "x"), estimator="trace",
+                 **{**settings, "refine": RefineConfig(reprice=True)})
+    with pytest.raises(ValueError, match="gptq"):
+        RefineConfig(reprice=True, gptq=False)
 
 
 def _shape(name: str) -> tuple[int, int]:
