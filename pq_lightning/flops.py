@@ -1,9 +1,10 @@
 """Counted work: matmul and attention FLOPs of a block of code, as forward-equivalents per token.
 
 :func:`count_flops` counts with ``torch.utils.flop_counter``'s formulas plus the ops they miss here:
-in-place ``addmm_`` / ``baddbmm_`` (Hessian sums, error sums) and the CPU kernels of scaled
-dot-product attention. :func:`not_counted` switches counting off inside a counted block for work
-that does not scale with the data (a GPTQ solve), so the tally of a stage divided by its tokens and
+in-place ``addmm_`` / ``baddbmm_`` (Hessian sums, error sums), the CPU kernels of scaled
+dot-product attention, and attention with fewer kv heads than query heads (grouped-query, as
+transformers calls it on CUDA). :func:`not_counted` switches counting off inside a counted block for
+work that does not scale with the data (a GPTQ solve), so the tally of a stage divided by its tokens and
 by a forward pass's FLOPs per token is the stage's cost per calibration token in forward passes.
 Elementwise work (fake-quantisation, norms) is not counted: on a GPU it rides along the matmuls.
 """
@@ -28,20 +29,36 @@ def _baddbmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> i
     return _fc.bmm_flop(a_shape, b_shape)
 
 
+def _kv_as_query_heads(q_shape, k_shape, v_shape):
+    """Key and value shapes with the query's head count: grouped-query attention (``enable_gqa``,
+    fewer kv heads, as transformers calls it on CUDA) does the work of the repeated kv heads, and
+    torch's formulas refuse unequal head counts."""
+    if len(q_shape) == 4 and len(k_shape) == 4 and k_shape[1] != q_shape[1]:
+        k_shape = (k_shape[0], q_shape[1], *k_shape[2:])
+        v_shape = (v_shape[0], q_shape[1], *v_shape[2:])
+    return k_shape, v_shape
+
+
 def _attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return _fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+    return _fc.sdpa_flop_count(q_shape, *_kv_as_query_heads(q_shape, k_shape, v_shape))
 
 
 def _attention_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return _fc.sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+    return _fc.sdpa_backward_flop_count(grad_shape, q_shape, *_kv_as_query_heads(q_shape, k_shape, v_shape))
+
+
+_ATTENTION_OPS = (  # [batch, heads, seq, dim] layouts: the CPU kernel and the three CUDA ones
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+)
 
 
 def _extra_ops() -> dict:
     ops = {_aten.addmm_: _addmm, _aten.baddbmm_: _baddbmm}
-    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _attention),
-                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _attention_backward)):
-        if hasattr(_aten, name):
-            ops[getattr(_aten, name)] = fn
+    for name in _ATTENTION_OPS:
+        for op_name, fn in ((name, _attention), (name + "_backward", _attention_backward)):
+            if hasattr(_aten, op_name):
+                ops[getattr(_aten, op_name)] = fn
     return ops
 
 

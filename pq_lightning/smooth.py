@@ -156,12 +156,13 @@ def smoothing_scales(x_amax: torch.Tensor, weights: Sequence[torch.Tensor], alph
 
     ``heads`` (kv heads, query heads per kv head, head dim): channels ``(h, d)`` of the query heads of one
     kv head share a scale, computed on their amax over those heads (the ``head_rows`` fold)."""
-    w_amax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+    # on the statistics' device (the CPU, where the probe leaves them), whatever the weights'
+    w_amax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0).to(x_amax.device)
     if w_amax.shape != x_amax.shape:
         raise ValueError(f"activation amax has {tuple(x_amax.shape)} channels, the weights {tuple(w_amax.shape)}")
     x_amax = x_amax.float()
     if heads is not None:
-        x_amax, w_amax = (a.reshape(heads).amax(1) for a in (x_amax, w_amax.to(x_amax.device)))
+        x_amax, w_amax = (a.reshape(heads).amax(1) for a in (x_amax, w_amax))
     log2 = alpha * torch.log2(x_amax.clamp_min(AMAX_FLOOR)) - (1 - alpha) * torch.log2(
         w_amax.clamp_min(AMAX_FLOOR)
     )

@@ -276,11 +276,9 @@ def _bits(t: Any) -> Any:
     return t
 
 
-def _mismatches(a: Any, b: Any, *, zero_sign: bool = True) -> int:
-    """Elements whose bit patterns differ; ``zero_sign=False`` counts -0.0 and +0.0 as one value."""
+def _mismatches(a: Any, b: Any) -> int:
+    """Elements whose bit patterns differ (the sign of zero included)."""
     a, b = a.detach().cpu(), b.detach().cpu()
-    if not zero_sign and a.is_floating_point() and b.is_floating_point():
-        a, b = a + 0.0, b + 0.0  # IEEE: -0.0 + 0.0 == +0.0; every other value unchanged
     a, b = _bits(a), _bits(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return -1
@@ -297,9 +295,6 @@ def check_nvfp4_bits(device: str, shape: tuple[int, int], seed: int, interpret: 
 
     fmt = get_format("nvfp4")
     device_env = {"PQ_TRITON": "1"} if interpret else {"PQ_TRITON": None}
-    # Triton's interpreter before 3.8 negates 0.0 to +0.0 where the reference (and a compiled
-    # kernel) gives -0.0: under it the dequantised values are compared with the sign of zero ignored
-    old_interpreter = interpret and _triton_version() < (3, 8)
     cases: dict[str, Any] = {}
     total = 0
     for name, spec in bit_check_weights(*shape, seed).items():
@@ -319,7 +314,7 @@ def check_nvfp4_bits(device: str, shape: tuple[int, int], seed: int, interpret: 
 
                 torch.cuda.synchronize()
         mism = {k: _mismatches(ref_pack[k], dev_pack[k]) for k in ref_pack}
-        mism["fake_quant"] = _mismatches(ref_fq, dev_fq, zero_sign=not old_interpreter)
+        mism["fake_quant"] = _mismatches(ref_fq, dev_fq)
         bad = sum(abs(v) for v in mism.values())
         total += bad
         cases[name] = {"dtype": str(w.dtype).removeprefix("torch."), "kernel_used": kernel, "mismatches": mism,
@@ -327,18 +322,9 @@ def check_nvfp4_bits(device: str, shape: tuple[int, int], seed: int, interpret: 
         print(f"   {name:24s} kernel={kernel} mismatches={mism}", flush=True)
     return {
         "device": device, "interpreter": interpret, "shape": list(shape), "cases": cases,
-        "total_mismatches": total, "fake_quant_zero_sign_ignored": old_interpreter,
+        "total_mismatches": total,
         "ok": all(c["ok"] for c in cases.values()),
     }
-
-
-def _triton_version() -> tuple[int, ...]:
-    """(major, minor) of the installed Triton; (0,) without it."""
-    try:
-        import triton
-    except ImportError:
-        return (0,)
-    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
 
 # ----------------------------------------------------------------------------------------------

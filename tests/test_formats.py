@@ -369,7 +369,7 @@ for w in cases:
     packed, scale, deq = nvfp4_quantize_triton(w, gs)
     assert torch.equal(packed, ref["weight_packed"]), "packed"
     assert torch.equal(scale.float(), ref["weight_scale"].float()), "scale"
-    assert torch.equal(deq, q.dequantize()), "dequant"
+    assert torch.equal(deq.view(torch.int32), q.dequantize().view(torch.int32)), "dequant (sign of zero too)"
     assert torch.equal(nv.fake_quant(w), q.dequantize())  # dispatches to triton here
 print("TRITON_OK")
 """

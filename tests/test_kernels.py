@@ -271,3 +271,44 @@ def test_kernel_wrappers_reject_bad_shapes():
         sub_at_b_triton_(torch.zeros(3, 4), torch.zeros(2, 3), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="fp32"):
         sub_at_b_triton_(torch.zeros(3, 4), torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.float64))
+
+
+# ---- what compiled Triton accepts ----------------------------------------------------------------
+def _global_reads(fn) -> set[str]:
+    """Names a function reads that it does not bind itself (arguments, assignments, loop targets)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    func = tree.body[0]
+    args = func.args
+    bound = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+    bound |= {n.id for n in ast.walk(func) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return {n.id for stmt in func.body for n in ast.walk(stmt)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound
+
+
+@pytest.mark.parametrize("module", ["nvfp4_triton", "probe_triton", "gptq_triton"])
+def test_jitted_functions_read_only_what_compiled_triton_allows(module):
+    """The interpreter (the CPU tests) lets a kernel read any module global; compiled Triton only
+    constexpr globals, other jitted functions and modules (a plain float global failed to compile on
+    an H200). Checks every jitted function's free names against that rule."""
+    import builtins
+    import importlib
+    import types
+
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    mod = importlib.import_module(f"pq_lightning.kernels.{module}")
+    jitted = [v for v in vars(mod).values() if isinstance(v, JITFunction)]
+    assert jitted, f"no jitted function found in {module}"
+    for jf in jitted:
+        for name in sorted(_global_reads(jf.fn)):
+            value = jf.fn.__globals__.get(name, getattr(builtins, name, None))
+            allowed = (isinstance(value, (JITFunction, types.ModuleType, tl.constexpr))
+                       or name in ("range", "min", "max", "float", "int", "print", "len", "isinstance"))
+            assert allowed, (f"{module}.{jf.fn.__name__} reads the global {name}={value!r}, which compiled "
+                             f"Triton refuses: make it {name} = tl.constexpr(...)")

@@ -156,8 +156,23 @@ def test_run_pytest_reports_failures(gpu_check, tmp_path):
     assert "1 failed, 1 passed" in r["summary"]
 
 
-def test_gpu_check_sh_parses():
-    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")]).returncode == 0
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_quantize.sh", "device_install.sh", "setup.sh"])
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / script)]).returncode == 0
+
+
+def test_gpu_quantize_refuses_a_missing_half(tmp_path):
+    """Without the first half of the GGUF (the machine went back between the two calls) it says so."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"OUT": str(tmp_path)}
+    work = tmp_path / "tree"
+    (work / "scripts").mkdir(parents=True)
+    for f in ("gpu_quantize.sh", "device_install.sh"):
+        (work / "scripts" / f).write_text((REPO / "scripts" / f).read_text())
+    (work / ".carry" / "gguf2").mkdir(parents=True)
+    (work / ".carry" / "gguf2" / "part").write_bytes(b"x")
+    r = subprocess.run(["bash", str(work / "scripts" / "gpu_quantize.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 3 and "a half of the GGUF is missing" in r.stdout
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):

@@ -14,6 +14,9 @@ import triton.language as tl
 
 from ..formats.nvfp4 import FP8_SCALE_EPS, GROUP_SIZE
 
+# compiled Triton reads a module global only when it is a constexpr (the interpreter reads any)
+_FP8_SCALE_EPS = tl.constexpr(FP8_SCALE_EPS)
+
 
 @triton.jit
 def _e2m1_round(a):
@@ -72,7 +75,7 @@ def _nvfp4_quantize_kernel(
     s = gs * tl.div_rn(amax, 6.0)
     s = tl.minimum(tl.maximum(s, -448.0), 448.0)
     sf = _fp8_e4m3_round(s)
-    sf = tl.where(sf == 0.0, FP8_SCALE_EPS, sf)
+    sf = tl.where(sf == 0.0, _FP8_SCALE_EPS, sf)
     tl.store(scale_ptr + gid, sf.to(tl.float8e4nv), mask=gmask)
     eff = tl.div_rn(sf, gs)
 
@@ -87,8 +90,9 @@ def _nvfp4_quantize_kernel(
     byte = (c0 | (c1 << 4)).to(tl.uint8)
     tl.store(packed_ptr + gid[:, None] * 8 + pair[None, :], byte, mask=mask)
     if WANT_DEQUANT:
-        d0 = tl.where(neg0 == 1, -v0, v0) * eff[:, None]
-        d1 = tl.where(neg1 == 1, -v1, v1) * eff[:, None]
+        # the sign goes in as a bit: compiled Triton negates as 0 - x, which loses -0.0
+        d0 = ((v0 * eff[:, None]).to(tl.int32, bitcast=True) | (neg0 << 31)).to(tl.float32, bitcast=True)
+        d1 = ((v1 * eff[:, None]).to(tl.int32, bitcast=True) | (neg1 << 31)).to(tl.float32, bitcast=True)
         tl.store(deq_ptr + even, d0, mask=mask)
         tl.store(deq_ptr + even + 1, d1, mask=mask)
 
