@@ -386,9 +386,11 @@ def _all_reduce(tensors: Sequence[torch.Tensor], op: str, process_group: Any) ->
     """All-reduce fp32/fp64 tensors in one collective (CPU buffer for gloo); returns new tensors."""
     import torch.distributed as dist
 
-    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors])
-    device = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else flat.device
-    buf = flat.to(device)
+    # gloo reduces host memory, NCCL device memory: every piece goes to the backend's device first
+    # (the token counts are built on the CPU, the Hessians wherever the layer ran)
+    device = torch.device("cpu") if dist.get_backend(process_group) == "gloo" else torch.device(
+        "cuda", torch.cuda.current_device())
+    buf = torch.cat([t.detach().to(device, torch.float64).reshape(-1) for t in tensors])
     dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=process_group)
     out, offset = [], 0
     for t in tensors:

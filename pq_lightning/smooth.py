@@ -156,7 +156,7 @@ def smoothing_scales(x_amax: torch.Tensor, weights: Sequence[torch.Tensor], alph
 
     ``heads`` (kv heads, query heads per kv head, head dim): channels ``(h, d)`` of the query heads of one
     kv head share a scale, computed on their amax over those heads (the ``head_rows`` fold)."""
-    # on the statistics' device (the CPU, where the probe leaves them), whatever the weights'
+    # on the statistics' device (the CPU), wherever the weights are
     w_amax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0).to(x_amax.device)
     if w_amax.shape != x_amax.shape:
         raise ValueError(f"activation amax has {tuple(x_amax.shape)} channels, the weights {tuple(w_amax.shape)}")
@@ -378,7 +378,8 @@ class SmoothingObserver:
             if len(producers) == 1 and None not in producers:
                 mappings.append(SmoothMapping(producers.pop(), names, "norm"))
         firsts = [m.consumers[0] for m in mappings if m.consumers[0] in self.amax]
-        return SmoothStats(mappings, {c: self.amax[c] for c in firsts},
+        # on the CPU, as the samples: the amax was taken where the activations were (a GPU in the probe)
+        return SmoothStats(mappings, {c: self.amax[c].cpu() for c in firsts},
                            {c: self.samples[c][1].float() for c in firsts if c in self.samples})
 
 

@@ -674,7 +674,7 @@ def time_pipeline(args: argparse.Namespace, device: str, work: Path) -> dict[str
                             smooth=SmoothConfig(enabled=False),
                             trainer=TrainerConfig(accelerator=accelerator)).sensitivity
     res["device_after_probe"] = str(next(model.parameters()).device)
-    model.to(device)  # Lightning hands the model back where it ran; make sure of it
+    model.to(device)  # Lightning's teardown hands the model back on the CPU
     res["probe_streamed"] = time_streamed_probe(model, tok, cal, formats, accelerator, work, sens, stage)
 
     body = find_body_linears(model)

@@ -63,8 +63,9 @@ def fp8_group_scales(group_amax: torch.Tensor, global_scale: torch.Tensor) -> to
     """FP8 group scales ``fp8(gs * (amax / 6))`` with zero scales replaced by FP8's eps."""
     s = global_scale.float() * (group_amax.float() / E2M1_MAX)
     s = torch.clamp(s, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    eps = torch.tensor(FP8_SCALE_EPS, dtype=torch.float8_e4m3fn, device=s.device)
-    return torch.where(s.float() == 0, eps, s)
+    # a Python eps, not a tensor built per call: on a GPU that is a host-to-device copy that waits
+    # for the stream, in every 16 columns of GPTQ and every activation fake-quant
+    return torch.where(s.float() == 0, FP8_SCALE_EPS, s.float()).to(torch.float8_e4m3fn)
 
 
 def _groups(t: torch.Tensor) -> torch.Tensor:
