@@ -47,6 +47,22 @@ fi
 OUT_DIR=${OUT:-$ROOT/out/gpu_quantize}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
+
+run_quantize() {  # run_quantize OUTPUT_DIR CONFIG QUANTIZE-ARGS...: quantize on the GPU, its report copied to $OUT
+  local out=$1 config=$2 rc
+  shift 2
+  set -x
+  # run from /tmp: in the checkout, python would import the bare source folder instead of the install
+  time (cd /tmp && timeout --signal=INT --kill-after=20 "${GPU_QUANTIZE_TIMEOUT:-400}" "$PY" -m pq_lightning.cli \
+    quantize --config "$config" --trainer.accelerator gpu --target_bits '[4.5,6.0]' --output_dir "$out" "$@")
+  rc=$?
+  set +x
+  cp "$out/report.md" "$out/report.json" "$OUT_DIR"/ 2>/dev/null
+  [ $rc -eq 124 ] && echo "gpu_quantize.sh: quantize was stopped after ${GPU_QUANTIZE_TIMEOUT:-400} s"
+  echo "== quantize exit code $rc"
+  return $rc
+}
+
 {
   echo "== machine"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -65,16 +81,9 @@ model.save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 PYEOF
     ) || exit 6
-    set -x
-    time (cd /tmp && timeout --signal=INT --kill-after=20 "${GPU_QUANTIZE_TIMEOUT:-400}" "$PY" -m pq_lightning.cli quantize \
-      --config "$ROOT/configs/smollm2-135m.yaml" --model /tmp/pq-random --trainer.accelerator gpu \
-      --target_bits '[4.5,6.0]' --calibration.num_samples 16 --calibration.seqlen 128 --evaluation.max_windows 4 \
-      --output_dir /tmp/pq-out-random "$@")
-    rc=$?
-    set +x
-    cp /tmp/pq-out-random/report.md /tmp/pq-out-random/report.json "$OUT_DIR"/ 2>/dev/null
-    echo "== quantize (random weights) exit code $rc"
-    exit $rc
+    run_quantize /tmp/pq-out-random "$ROOT/configs/smollm2-135m.yaml" --model /tmp/pq-random \
+      --calibration.num_samples 16 --calibration.seqlen 128 --evaluation.max_windows 4 "$@"
+    exit $?
   fi
   if [ ! -f .carry/gguf1/part ] || [ ! -f .carry/gguf2/part ]; then
     echo "gpu_quantize.sh: a half of the GGUF is missing ($(ls .carry 2>/dev/null | tr '\n' ' ')); carry .carry/gguf1 in" \
@@ -86,18 +95,9 @@ PYEOF
   echo "$GGUF_SHA256  /tmp/pq-model/$GGUF_NAME" | sha256sum -c || exit 4
   source scripts/device_install.sh
   device_install "$PY" || exit 5
-  set -x
-  # run from /tmp: in the checkout, python would import the bare source folder instead of the install
-  time (cd /tmp && timeout --signal=INT --kill-after=20 "${GPU_QUANTIZE_TIMEOUT:-400}" "$PY" -m pq_lightning.cli quantize --config "$ROOT/configs/smollm2-135m-wikitext.yaml" \
-    --model /tmp/pq-model/$GGUF_NAME --trainer.accelerator gpu --target_bits '[4.5,6.0]' \
+  run_quantize /tmp/pq-out "$ROOT/configs/smollm2-135m-wikitext.yaml" --model /tmp/pq-model/$GGUF_NAME \
     --calibration.source "$ROOT/.carry/data/wikitext-2-valid-tokenized.txt" \
-    --evaluation.path "$ROOT/.carry/data/wikitext-2-raw-test.txt" --evaluation.max_windows 32 \
-    --output_dir /tmp/pq-out "$@")
-  rc=$?
-  set +x
-  cp /tmp/pq-out/report.md /tmp/pq-out/report.json "$OUT_DIR"/ 2>/dev/null
-  [ $rc -eq 124 ] && echo "gpu_quantize.sh: quantize was stopped after ${GPU_QUANTIZE_TIMEOUT:-400} s"
-  echo "== quantize exit code $rc"
-  exit $rc
+    --evaluation.path "$ROOT/.carry/data/wikitext-2-raw-test.txt" --evaluation.max_windows 32 "$@"
+  exit $?
 } 2>&1 | tee "$OUT_DIR/gpu_quantize.log"
 exit "${PIPESTATUS[0]}"

@@ -62,10 +62,10 @@ def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
 def fp8_group_scales(group_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """FP8 group scales ``fp8(gs * (amax / 6))`` with zero scales replaced by FP8's eps."""
     s = global_scale.float() * (group_amax.float() / E2M1_MAX)
-    s = torch.clamp(s, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    s = torch.clamp(s, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
     # a Python eps, not a tensor built per call: on a GPU that is a host-to-device copy that waits
     # for the stream, in every 16 columns of GPTQ and every activation fake-quant
-    return torch.where(s.float() == 0, FP8_SCALE_EPS, s.float()).to(torch.float8_e4m3fn)
+    return torch.where(s == 0, FP8_SCALE_EPS, s).to(torch.float8_e4m3fn)
 
 
 def _groups(t: torch.Tensor) -> torch.Tensor:
