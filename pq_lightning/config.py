@@ -157,7 +157,11 @@ class TuneConfig:
     (else the checkpoint carries the refined model's norms); ``always`` keeps them. ``norms``:
     ``inputs`` tunes the norms whose output is a Linear's input (every norm of a Llama; on Gemma-3 not
     the post-attention / post-feed-forward norms on the residual side, nor the q/k norms), ``all``
-    every norm of the decoder layers and the final norm.
+    every norm of the decoder layers and the final norm. ``codes_lr`` > 0 also moves the NVFP4 codes
+    with their scales held (:class:`~pq_lightning.norm_tune.CodeShift`; Adam's step in units of each
+    group's scale): the checkpoint is the same format with other codes. Off by default: on SmolLM2-135M
+    at 4.5 bpp it moved no code, a few thousand for no test gain (64 x 512), or millions that wrecked
+    the held-out KL (16 x 256), depending on the step (README, "Code tuning").
 
     On by default: KL on WikiText-2 test fell on SmolLM2-135M and Gemma-3-270M at 4.5 and 6.0 bpp, at
     16 x 256 and at 64 x 512 calibration tokens (at 64 x 512 ``kl_conf`` -9.5 % / -1.4 % on SmolLM2,
@@ -171,8 +175,11 @@ class TuneConfig:
     batch_size: int = 2
     keep: Literal["better", "always"] = "better"
     norms: Literal["inputs", "all"] = "inputs"
+    codes_lr: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.codes_lr >= 0 and math.isfinite(self.codes_lr)):
+            raise ValueError(f"tune.codes_lr must be a finite step >= 0 (0: codes fixed; e.g. 0.02), got {self.codes_lr}")
         if self.norms not in ("inputs", "all"):
             raise ValueError(f"tune.norms must be 'inputs' or 'all', got {self.norms!r}")
         if self.epochs < 1 or self.batch_size < 1:

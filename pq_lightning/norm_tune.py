@@ -11,6 +11,10 @@ A multiplicative parameter moves every channel by the same relative step whateve
 additive one moved small gains by up to 850 % at the step size that served the large ones). About
 35 k numbers on SmolLM2-135M (61 norms), so a few thousand calibration positions do not overfit them.
 
+Optionally the NVFP4 codes move too (:class:`CodeShift`, ``tune.codes_lr``): each value of the grid
+is a parameter rounded in the forward pass, the group scales stay as refined, and
+:func:`tuned_codes` packs what moved as standard NVFP4 tensors. Off by default (measured in the README).
+
 No Lightning here: :class:`pq_lightning.norm_tuner_module.NormTuner` runs the loop.
 """
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .formats import CodeGrid, QuantFormat
 from .lm_head import HeadSplit, RunFn, positions_per_chunk, split_head
 from .smooth import gain_offset
 
@@ -108,6 +113,65 @@ def attach_gains(student: nn.Module, norms: Mapping[str, float]) -> dict[str, Ga
         parametrize.register_parametrization(module, "weight", gain, unsafe=True)
         gains[name] = gain
     return gains
+
+
+class CodeShift(nn.Module):
+    """Parametrization of a served Linear's weight by its grid values (:class:`CodeGrid`), scales fixed.
+
+    The forward rounds the values to the grid (what would be written) with the gradient passed
+    straight through, so a value moves to another grid point once the loss has pushed it past the
+    midpoint; it starts on its refined code, so nothing changes until then.
+    """
+
+    def __init__(self, grid: CodeGrid) -> None:
+        super().__init__()
+        self.values = nn.Parameter(grid.values.detach().float().clone())
+        self.register_buffer("scale", grid.scale.detach().float().clone())
+        self._round = grid.round
+
+    def rounded(self) -> Tensor:
+        return self._round(self.values.detach())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        v = self.values
+        on_grid = v + (self._round(v.detach()) - v).detach()
+        rows, groups = self.scale.shape
+        return (on_grid.view(rows, groups, -1) * self.scale.unsqueeze(-1)).view(rows, -1).to(weight.dtype)
+
+
+def attach_code_shifts(student: nn.Module, packed: Mapping[str, Mapping[str, Tensor]],
+                       formats: Mapping[str, QuantFormat]) -> dict[str, CodeShift]:
+    """Parametrize the weight of each of ``student``'s served Linears whose format has a code grid
+    (:meth:`QuantFormat.code_grid`) and whose refined tensors are in ``packed``; returns them by Linear."""
+    shifts: dict[str, CodeShift] = {}
+    for name, fmt in formats.items():
+        tensors = packed.get(name)
+        if tensors is None or not fmt.quantizes_weights:
+            continue
+        grid = fmt.code_grid(tensors)
+        if grid is None:
+            continue
+        module = student.get_submodule(name)
+        shift = CodeShift(grid).to(module.weight.device)
+        parametrize.register_parametrization(module, "weight", shift, unsafe=True)
+        shifts[name] = shift
+    return shifts
+
+
+@torch.no_grad()
+def tuned_codes(shifts: Mapping[str, CodeShift], packed: Mapping[str, Mapping[str, Tensor]],
+                formats: Mapping[str, QuantFormat]) -> tuple[dict[str, dict[str, Tensor]], int]:
+    """The packed tensors of every Linear whose codes moved (scales as refined), and how many codes moved."""
+    out: dict[str, dict[str, Tensor]] = {}
+    moved = 0
+    for name, shift in shifts.items():
+        values = shift.rounded().cpu()
+        before = formats[name].code_grid(packed[name]).values
+        n = int((values != before).sum())
+        if n:
+            moved += n
+            out[name] = formats[name].pack_grid(packed[name], values)
+    return out, moved
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ gives ``KL(reference ‖ quantized)`` there (before and after), in :attr:`NormTu
     weights = tuner.weights()  # norm name + ".weight" -> tuned tensor, for the checkpoint
 
 Under DDP only the gain parameters take gradients (a few tens of thousands of numbers), so the
-all-reduce is cheap; the held-out KL is summed over ranks.
+all-reduce is cheap (with ``codes`` every NVFP4 weight value is reduced too); the held-out KL is
+summed over ranks.
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ class NormTuner(lightning.LightningModule):
         student: the quantized model as served (:func:`~pq_lightning.norm_tune.served_student`).
         norms: norm name -> gain offset (:func:`~pq_lightning.norm_tune.tunable_norms`).
         lr: Adam's step on ``θ`` (a relative change of each gain per step), cosine-annealed to zero.
+        codes: Linear name -> its :class:`~pq_lightning.norm_tune.CodeShift` (attached to ``student`` by
+            :func:`~pq_lightning.norm_tune.attach_code_shifts`): grid values tuned beside the gains.
+        codes_lr: Adam's step on the grid values (in units of each group's scale), cosine-annealed to zero.
     """
 
-    def __init__(self, reference: nn.Module, student: nn.Module, norms: Mapping[str, float], *, lr: float) -> None:
+    def __init__(self, reference: nn.Module, student: nn.Module, norms: Mapping[str, float], *, lr: float,
+                 codes: Mapping[str, Any] | None = None, codes_lr: float = 0.0) -> None:
         super().__init__()
         if not norms:
             raise ValueError("NormTuner: no norm to tune (none found under the decoder layers)")
@@ -50,7 +55,11 @@ class NormTuner(lightning.LightningModule):
         self.reference = reference.eval()
         self.student = student.eval()
         self.gains = nn.ModuleDict({k.replace(".", "/"): v for k, v in attach_gains(student, norms).items()})
+        if codes and not codes_lr > 0:
+            raise ValueError(f"NormTuner: codes to tune need codes_lr > 0, got {codes_lr}")
         self.lr = lr
+        self.codes = dict(codes or {})  # modules of the student already: not registered twice
+        self.codes_lr = codes_lr
         self.heldout_kl: float | None = None
         self._sum = torch.zeros((), dtype=torch.float64)
         self._count = torch.zeros((), dtype=torch.float64)
@@ -79,7 +88,10 @@ class NormTuner(lightning.LightningModule):
         self.heldout_kl = float(total / count) if float(count) else None
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.gains.parameters(), lr=self.lr)
+        groups = [{"params": list(self.gains.parameters()), "lr": self.lr}]
+        if self.codes:
+            groups.append({"params": [c.values for c in self.codes.values()], "lr": self.codes_lr})
+        opt = torch.optim.Adam(groups)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -200,7 +200,8 @@ def write_report(
                          + (f"; skipped: {'; '.join(sm['skipped'])}" if sm.get("skipped") else ""))
         tu = r.get("tune")
         if tu:
-            lines.append(f"  norm tuning: {tu['norms']} norms, held-out KL {_fmt(tu['heldout_kl_before'])} -> "
+            codes = f", {tu['codes_moved']} NVFP4 codes moved in {tu['linears_moved']} Linears" if tu.get("codes_moved") else ""
+            lines.append(f"  norm tuning: {tu['norms']} norms{codes}, held-out KL {_fmt(tu['heldout_kl_before'])} -> "
                          f"{_fmt(tu['heldout_kl_after'])}, " + ("kept" if tu["kept"] else "not kept"))
     lines += ["", "## Stages", "", _stage_table(stages), ""]
     for title, file in plots:

@@ -503,10 +503,13 @@ class Tuned:
     heldout_before: float | None
     heldout_after: float | None
     key: str
+    packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # Linear -> tensors, codes moved
+    codes_moved: int = 0
 
     def summary(self) -> dict:
         return {"norms": len(self.weights), "kept": self.kept, "heldout_kl_before": self.heldout_before,
-                "heldout_kl_after": self.heldout_after}
+                "heldout_kl_after": self.heldout_after, "linears_moved": len(self.packed),
+                "codes_moved": self.codes_moved}
 
     def save(self, path: Path) -> None:
         import json
@@ -516,7 +519,9 @@ class Tuned:
         from .atomic import atomic_write_bytes
 
         meta = {k: v for k, v in self.summary().items() if k != "norms"}
+        meta["packed"] = {name: sorted(t) for name, t in self.packed.items()}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}
+        tensors |= {f"{name}.{k}": v.detach().cpu().contiguous() for name, t in self.packed.items() for k, v in t.items()}
         atomic_write_bytes(path, save(tensors, metadata={"pq_lightning.tune": json.dumps(meta)}))
 
     @classmethod
@@ -527,8 +532,10 @@ class Tuned:
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["pq_lightning.tune"])
-            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        return cls(weights, bool(meta["kept"]), meta["heldout_kl_before"], meta["heldout_kl_after"], key)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        packed = {name: {k: tensors.pop(f"{name}.{k}") for k in names} for name, names in meta.get("packed", {}).items()}
+        return cls(tensors, bool(meta["kept"]), meta["heldout_kl_before"], meta["heldout_kl_after"], key, packed,
+                   int(meta.get("codes_moved", 0)))
 
 
 def tune(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, cal: Calibration, cfg: TuneConfig,
@@ -553,7 +560,8 @@ def tune(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, c
                 tuned.save(path)
             run.barrier()
     before, after = (f"{v:.5f}" if v is not None else "-" for v in (tuned.heldout_before, tuned.heldout_after))
-    run.console.print(f"tune: {len(tuned.weights)} norms, held-out KL {before} -> {after}, "
+    codes = f", {tuned.codes_moved} codes moved in {len(tuned.packed)} Linears" if cfg.codes_lr else ""
+    run.console.print(f"tune: {len(tuned.weights)} norms{codes}, held-out KL {before} -> {after}, "
                       + ("kept" if tuned.kept else "not kept (the refined norms are written)"))
     return tuned
 
@@ -563,8 +571,15 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
 
     from .callbacks import HeapTrim
     from .data import WindowDataset
+    from .formats import get_format
     from .models import language_model_layers
-    from .norm_tune import norms_feeding_linears, served_student, tunable_norms
+    from .norm_tune import (
+        attach_code_shifts,
+        norms_feeding_linears,
+        served_student,
+        tunable_norms,
+        tuned_codes,
+    )
     from .norm_tuner_module import NormTuner
 
     layers, _ = language_model_layers(loaded.model)
@@ -574,7 +589,10 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
         norms = {k: v for k, v in norms.items() if k in fed}
     student = served_student(loaded.model, plan_.formats, refined.output.packed, refined.output.input_amax,
                              plan_.groups)
-    tuner = NormTuner(loaded.model, student, norms, lr=cfg.lr)
+    packed = refined.output.packed
+    formats = {name: get_format(f) for name, f in plan_.formats.items()}
+    shifts = attach_code_shifts(student, packed, formats) if cfg.codes_lr > 0 else {}
+    tuner = NormTuner(loaded.model, student, norms, lr=cfg.lr, codes=shifts, codes_lr=cfg.codes_lr)
     lt = _lightning_trainer(trainer, run, callbacks=[HeapTrim()], max_epochs=1, num_sanity_val_steps=0,
                             use_distributed_sampler=False)
     # every epoch's shuffle laid out in one pass; under DDP each global batch of batch_size windows is split
@@ -595,7 +613,8 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
     lt.validate(tuner, dataloaders=held, verbose=False)
     after = tuner.heldout_kl
     kept = cfg.keep == "always" or (after is not None and before is not None and after < before)
-    return Tuned(tuner.weights(), kept, before, after, key)
+    moved, n_moved = tuned_codes(shifts, packed, formats)
+    return Tuned(tuner.weights(), kept, before, after, key, moved, n_moved)
 
 
 @dataclass
@@ -618,7 +637,8 @@ def export(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined,
 
     ckpt = run.out / f"checkpoint-{label}"
     norms = tuned.weights if tuned is not None and tuned.kept else {}
-    key = stage_key("export", refined.key, *([tuned.key] if norms else []))
+    codes = tuned.packed if tuned is not None and tuned.kept else {}
+    key = stage_key("export", refined.key, *([tuned.key] if norms or codes else []))
     staged = staged_checkpoint(run.work, label, key)
     with run.stage("export") as record:
         source = run.agree(lambda: reusable_checkpoint((ckpt, staged), key, say=run.console.print))
@@ -630,7 +650,7 @@ def export(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined,
             if run.is_zero:
                 with swapped_weights(loaded.model, norms):  # the reference keeps its own norms
                     export_checkpoint(
-                        loaded.model, plan_.formats, staged, quantized=refined.output.packed,
+                        loaded.model, plan_.formats, staged, quantized={**refined.output.packed, **codes},
                         input_amax=refined.output.input_amax, fused_groups=plan_.groups, tokenizer=loaded.tokenizer,
                         overwrite=True, manifest={**manifest, "stage_key": key},
                     )

@@ -19,7 +19,10 @@
 #   The second call joins the halves, checks the sha256, installs what the image lacks (as
 #   gpu_check.sh) and runs quantize; $OUT gets report.md, report.json and the log. If the first half
 #   is gone (the machine was given back in between), it says so and exits 3.
-#   Extra arguments go to `pq-lightning quantize` (e.g. `--target_bits 6.0`).
+#   Extra arguments go to `pq-lightning quantize` (e.g. `--target_bits 6.0`). With GPU_QUANTIZE_AB set
+#   (e.g. GPU_QUANTIZE_AB="--tune.codes_lr 0.01;--tune.codes_lr 0.03") the same call then reruns a copy
+#   of the output folder per ';'-separated entry with its arguments added (cached stages reused),
+#   reports in $OUT/b1, $OUT/b2...
 #
 #   `bash scripts/gpu_quantize.sh --random-weights` (carry [".whl", "out/gpu_check_assets"]): one call,
 #   the same chain (every stage, norm tuning included) on SmolLM2's shapes with random weights and
@@ -95,9 +98,20 @@ PYEOF
   echo "$GGUF_SHA256  /tmp/pq-model/$GGUF_NAME" | sha256sum -c || exit 4
   source scripts/device_install.sh
   device_install "$PY" || exit 5
-  run_quantize /tmp/pq-out "$ROOT/configs/smollm2-135m-wikitext.yaml" --model /tmp/pq-model/$GGUF_NAME \
-    --calibration.source "$ROOT/.carry/data/wikitext-2-valid-tokenized.txt" \
-    --evaluation.path "$ROOT/.carry/data/wikitext-2-raw-test.txt" --evaluation.max_windows 32 "$@"
+  real=(--model /tmp/pq-model/$GGUF_NAME --calibration.source "$ROOT/.carry/data/wikitext-2-valid-tokenized.txt"
+        --evaluation.path "$ROOT/.carry/data/wikitext-2-raw-test.txt" --evaluation.max_windows 32)
+  run_quantize /tmp/pq-out "$ROOT/configs/smollm2-135m-wikitext.yaml" "${real[@]}" "$@" || exit $?
+  # A/B in the same call: per ';'-separated entry of GPU_QUANTIZE_AB, a copy of the output folder (its
+  # caches: probe, fold, refine reused) rerun with those arguments added; reports in $OUT/b1, $OUT/b2...
+  IFS=';' read -ra variants <<< "${GPU_QUANTIZE_AB:-}"
+  for i in "${!variants[@]}"; do
+    b=/tmp/pq-out-b$((i + 1))
+    rm -rf "$b" && cp -r /tmp/pq-out "$b" && mkdir -p "$OUT_DIR/b$((i + 1))"
+    echo "== variant b$((i + 1)): ${variants[$i]}"
+    # shellcheck disable=SC2086  # each entry is a list of arguments
+    OUT_DIR="$OUT_DIR/b$((i + 1))" run_quantize "$b" "$ROOT/configs/smollm2-135m-wikitext.yaml" "${real[@]}" "$@" \
+      --overwrite true ${variants[$i]}
+  done
   exit $?
 } 2>&1 | tee "$OUT_DIR/gpu_quantize.log"
 exit "${PIPESTATUS[0]}"

@@ -159,6 +159,31 @@ def test_nvfp4_packs_given_scales_exactly():
     assert torch.equal(nv.unpack(t), q.dequantize())
 
 
+def test_nvfp4_code_grid_is_the_served_weight_and_repacks_moved_codes():
+    """Tuning moves codes with the scales held: the grid decodes to compressed-tensors' dequantised weight,
+    and moved values come back as compressed-tensors' packing of those values, scales untouched."""
+    nv = get_format("nvfp4")
+    w = _weights("student_t", (16, 64))
+    _, scale, fq_ref, packed_ref = _ct_nvfp4_weight(w)
+    tensors = nv.pack(w)
+    grid = nv.code_grid(tensors)
+    assert torch.equal(grid.weight(), fq_ref)
+    assert torch.equal(grid.round(grid.values), grid.values)  # every value is a grid point
+    assert torch.equal(nv.pack_grid(tensors, grid.values)["weight_packed"], packed_ref)
+    moved = grid.values.clone()
+    moved[0, :16] = torch.tensor([6.0, -6.0, 0.5, -0.5, 1.5, 3.0, -4.0, 0.0] * 2)  # one whole group, by hand
+    moved[3, 17] = -moved[3, 17]
+    new = nv.pack_grid(tensors, moved)
+    assert torch.equal(new["weight_packed"], pack_fp4_to_uint8(moved))
+    assert new["weight_scale"] is tensors["weight_scale"] and new["weight_global_scale"] is tensors["weight_global_scale"]
+    eff = scale.float() / tensors["weight_global_scale"]
+    by_hand = unpack_fp4_from_uint8(new["weight_packed"], 16, 64, torch.float32).unflatten(-1, (-1, 16))
+    assert torch.equal(nv.unpack(new), (by_hand * eff.unsqueeze(-1)).flatten(-2))
+    assert get_format("fp8").code_grid(get_format("fp8").pack(w)) is None  # its steps grow with the value
+    with pytest.raises(ValueError, match="do not match"):
+        nv.pack_grid(tensors, moved[:, :32])
+
+
 @pytest.mark.parametrize("kind", ["normal", "student_t", "outliers"])
 def test_nvfp4_activation_matches_compressed_tensors(kind):
     x = _weights(kind, (2, 5, 64)) * 50

@@ -9,14 +9,18 @@ import torch.nn.functional as F
 
 from pq_lightning.config import TuneConfig
 from pq_lightning.formats import get_format
+from pq_lightning.formats.e2m1 import e2m1_decode, unpack_codes
 from pq_lightning.norm_tune import (
+    CodeShift,
     GainScale,
+    attach_code_shifts,
     attach_gains,
     kl_to_reference,
     norms_feeding_linears,
     served_student,
     swapped_weights,
     tunable_norms,
+    tuned_codes,
     tuned_weights,
 )
 from pq_lightning.served import ServedLinear
@@ -139,6 +143,32 @@ def test_served_linear_passes_gradients_straight_through_the_activation_rounding
     torch.testing.assert_close(x_grad, g @ lin.weight, rtol=0, atol=1e-6)  # d(x̂ Wᵀ)/dx with dx̂/dx = 1
 
 
+def test_code_shift_starts_at_the_served_weight_and_moves_codes_past_the_midpoint():
+    fmt = get_format("nvfp4")
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    tensors = fmt.pack(w)
+    shift = CodeShift(fmt.code_grid(tensors))
+    served = fmt.unpack(tensors)
+    assert torch.equal(shift(served), served)
+    # the gradient of the values is the weight's times each group's scale (rounding passed straight through)
+    g = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((shift(served) * g).sum(), shift.values)
+    eff = tensors["weight_scale"].float() / tensors["weight_global_scale"]
+    torch.testing.assert_close(grad, g * eff.repeat_interleave(16, dim=1), rtol=0, atol=0)
+    # a value of 1.0 stays below the midpoint to 1.5 (1.25 ties to 1.0) and moves past it
+    with torch.no_grad():
+        shift.values[0, 0] = 1.0 + 0.25
+        shift.values[0, 1] = 1.0 + 0.26
+        shift.values[0, 2] = -4.0 - 1.01
+    out = shift(served)
+    assert [float(v) for v in shift.rounded()[0, :3]] == [1.0, 1.5, -6.0]
+    assert torch.equal(out[0, :3], shift.rounded()[0, :3] * eff[0, 0])
+    moved, n = tuned_codes({"lin": shift}, {"lin": tensors}, {"lin": fmt})
+    assert n == int((shift.rounded() != fmt.code_grid(tensors).values).sum()) and set(moved) == {"lin"}
+    assert torch.equal(fmt.unpack(moved["lin"]), out.detach())
+    assert tuned_codes({"lin": CodeShift(fmt.code_grid(tensors))}, {"lin": tensors}, {"lin": fmt}) == ({}, 0)
+
+
 def test_swapped_weights_restores_even_on_error(tiny_llama):
     name = "model.norm.weight"
     old = tiny_llama.model.norm.weight.detach().clone()
@@ -183,9 +213,43 @@ def test_norm_tuner_lowers_the_kl_on_its_windows(make_tiny_llama):
     assert all(not torch.equal(weights[k], tiny_llama.get_parameter(k)) for k in weights)
 
 
+def test_code_tuning_lowers_the_kl_further_and_keeps_the_scales(make_tiny_llama):
+    """Norms and NVFP4 codes tuned together (scales held) fit the windows better than the norms alone."""
+    from conftest import quiet_trainer
+    from torch.utils.data import DataLoader
+
+    from pq_lightning.data import WindowDataset
+    from pq_lightning.norm_tuner_module import NormTuner
+
+    tiny_llama = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    ids = _ids(8, 24)
+    plan, amax = _plan(tiny_llama), _input_amax(tiny_llama, ids)
+    fmt = get_format("nvfp4")
+    packed = {n: fmt.pack(tiny_llama.get_submodule(n).weight.detach()) for n in plan}
+    formats = {n: fmt for n in plan}
+    results = {}
+    for codes_lr in (0.0, 0.1):
+        student = served_student(tiny_llama, plan, packed, amax, ())
+        shifts = attach_code_shifts(student, packed, formats) if codes_lr else {}
+        tuner = NormTuner(tiny_llama, student, tunable_norms(tiny_llama, "model.layers", "model.norm"), lr=3e-2,
+                          codes=shifts, codes_lr=codes_lr)
+        quiet_trainer(max_epochs=8).fit(tuner, train_dataloaders=DataLoader(WindowDataset(ids), batch_size=4))
+        with torch.no_grad():
+            results[codes_lr] = float(kl_to_reference(tiny_llama, student, ids))
+        if codes_lr:
+            moved, n = tuned_codes(shifts, packed, formats)
+            assert n > 0
+            for name, tensors in moved.items():
+                assert torch.equal(tensors["weight_scale"].float(), packed[name]["weight_scale"].float())
+                torch.testing.assert_close(fmt.unpack(tensors), student.get_submodule(name).weight, rtol=0, atol=0)
+    assert results[0.1] < 0.9 * results[0.0]
+    with pytest.raises(ValueError, match="codes_lr"):
+        NormTuner(tiny_llama, student, {"model.norm": 0.0}, lr=1e-2, codes=shifts, codes_lr=0.0)
+
+
 def test_tune_config_refuses_bad_values():
     for bad in (dict(epochs=0), dict(lr=0.0), dict(lr=float("nan")), dict(keep="sometimes"), dict(batch_size=0),
-                dict(norms="some")):
+                dict(norms="some"), dict(codes_lr=-1.0), dict(codes_lr=float("inf"))):
         with pytest.raises(ValueError, match="tune"):
             TuneConfig(**bad)
 
@@ -232,3 +296,38 @@ def test_quantize_writes_the_kept_norms_and_reuses_the_tune(tmp_path, tiny_model
     got = load_file(tmp_path / "bad" / "checkpoint-4.5bpp" / "model-00001-of-00001.safetensors")
     for k in tuned:
         assert torch.equal(got[k], src[k].to(got[k].dtype)), k
+
+
+def test_quantize_writes_the_tuned_codes_with_the_refined_scales(tmp_path, tiny_model_dir):
+    """With ``codes_lr`` the checkpoint's NVFP4 codes are the tune's (some moved), its scales the refiner's."""
+    from safetensors.torch import load_file
+
+    from pq_lightning.pipeline import CalibrationConfig, EvalConfig, SmoothConfig, TrainerConfig, quantize
+
+    def run(out, tune):
+        return quantize(
+            model=str(tiny_model_dir), output_dir=str(tmp_path / out), target_bits=4.5, dtype="float32",
+            calibration=CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32, num_samples=8, batch_size=4,
+                                          holdout_fraction=0.25),
+            evaluation=EvalConfig(enabled=False), trainer=TrainerConfig(accelerator="cpu"),
+            smooth=SmoothConfig(enabled=False), tune=tune)
+
+    run("plain", TuneConfig(enabled=False))
+    report = run("codes", TuneConfig(enabled=True, epochs=2, lr=2e-2, codes_lr=0.5, keep="always"))
+    assert report["tune"]["codes_moved"] > 0 and report["tune"]["kept"]
+    shard = "model-00001-of-00001.safetensors"
+    before = load_file(tmp_path / "plain" / "checkpoint-4.5bpp" / shard)
+    after = load_file(tmp_path / "codes" / "checkpoint-4.5bpp" / shard)
+    (cache,) = (tmp_path / "codes" / "work").glob("tune-*.safetensors")
+    tuned = load_file(cache)
+    packed = [k for k in tuned if k.endswith(".weight_packed")]
+    assert len(packed) == report["tune"]["linears_moved"] > 0
+    moved = 0
+    for k in packed:
+        assert torch.equal(after[k], tuned[k]) and not torch.equal(after[k], before[k]), k
+        stem = k.removesuffix("weight_packed")
+        for t in ("weight_scale", "weight_global_scale", "input_global_scale"):
+            assert torch.equal(after[stem + t].float(), before[stem + t].float()), stem + t
+        moved += int((e2m1_decode(unpack_codes(after[k])) != e2m1_decode(unpack_codes(before[k]))).sum())  # -0 == 0
+    assert moved == report["tune"]["codes_moved"]
+    assert f"{moved} NVFP4 codes moved in {len(packed)} Linears" in (tmp_path / "codes" / "report.md").read_text()

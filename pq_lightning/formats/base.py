@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .code_grid import CodeGrid
 from .compact import CompactWeight
 
 if TYPE_CHECKING:  # gptq imports the formats: a type-only import avoids the cycle
@@ -170,6 +171,17 @@ class QuantFormat(ABC):
         """``fake_quant(w)`` as byte codes and scales (:class:`CompactWeight`), or ``None`` when the
         format has no such encoding (a cache then keeps the fp32 tensor)."""
         return None
+
+    def code_grid(self, tensors: Mapping[str, torch.Tensor]) -> CodeGrid | None:
+        """:meth:`pack`'s ``tensors`` as grid values times fixed scales (:class:`CodeGrid`), for moving
+        codes with the scales held (norm and code tuning), or ``None`` when the format has no grid with
+        even steps to move on (FP8's steps grow with the value; BF16 has no grid)."""
+        return None
+
+    def pack_grid(self, tensors: Mapping[str, torch.Tensor], values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``tensors`` with the codes replaced by ``values`` (points of :meth:`code_grid`'s grid), the
+        scales as they were."""
+        raise NotImplementedError(f"{self.name} has no code grid (code_grid returns None)")
 
     # ---- refinement ----------------------------------------------------------------------
     def refine(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import QuantFormat, Shape, check_finite
+from .code_grid import CodeGrid
 from .compact import CompactWeight
 from .e2m1 import E2M1_MAX, e2m1_codes, e2m1_decode, e2m1_round, pack_codes, unpack_codes
 
@@ -205,6 +206,20 @@ class NVFP4(QuantFormat):
             codes=t["weight_packed"], table=_byte_pairs(w.device), scale=t["weight_scale"],
             divisor=t["weight_global_scale"].float(),
         )
+
+    def code_grid(self, tensors: Mapping[str, torch.Tensor]) -> CodeGrid:
+        """E2M1 values times each group's ``weight_scale / weight_global_scale``."""
+        q = NVFP4Weight(codes=unpack_codes(tensors["weight_packed"]), scale=tensors["weight_scale"],
+                        global_scale=tensors["weight_global_scale"].float())
+        eff = q.scale.float() / q.global_scale.reshape(1, 1)
+        return CodeGrid(values=e2m1_decode(q.codes), scale=eff, round=e2m1_round)
+
+    def pack_grid(self, tensors: Mapping[str, torch.Tensor], values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """New ``weight_packed`` from E2M1 ``values``; ``weight_scale`` and ``weight_global_scale`` kept."""
+        if values.shape != tensors["weight_scale"].shape[:-1] + (tensors["weight_scale"].shape[-1] * GROUP_SIZE,):
+            raise ValueError(f"NVFP4 pack_grid: values of shape {tuple(values.shape)} do not match the scales "
+                             f"{tuple(tensors['weight_scale'].shape)} x {GROUP_SIZE}")
+        return {**tensors, "weight_packed": pack_codes(e2m1_codes(e2m1_round(values)))}
 
     def refine(
         self,
