@@ -229,6 +229,13 @@ class CausalLM(lightning.LightningModule):
     def on_fit_end(self) -> None:
         self.model.eval()
 
+    def teardown(self, stage: str) -> None:
+        # streamed layers are no parameters, so Lightning's teardown does not move them off the device:
+        # drop them (the next stage reads each layer onto wherever the model is then)
+        streamer = streamer_of(self.model)
+        if streamer is not None:
+            streamer.release_all()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.probe_only:
             self.model.eval()

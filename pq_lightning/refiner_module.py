@@ -107,6 +107,13 @@ class GPTQRefiner(lightning.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._refine()
 
+    def teardown(self, stage: str) -> None:
+        from .streaming import streamer_of
+
+        streamer = streamer_of(self.model)  # streamed layers stay where they were read: free the device
+        if streamer is not None:
+            streamer.release_all()
+
     # ---- refinement ------------------------------------------------------------------------
     def split_batches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The collected batches as (fit, held-out) lists, by the rule in the module docstring."""

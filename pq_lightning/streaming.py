@@ -230,7 +230,7 @@ class LayerStreamer:
         self.layer_bytes = [sum(s.nbytes for s in slots) for slots in self.slots]
         self.other_bytes = 0  # the model's own parameters and buffers, counted when attached
         self.memory_cap_bytes = memory_cap_bytes
-        self._resident: OrderedDict[int, None] = OrderedDict()
+        self._resident: OrderedDict[int, torch.device] = OrderedDict()  # layer -> the device it was read onto
         self._storage_of: dict[int, _Slot] = {}
         self._handles: list[Any] = []
         self._state_keys: list[str] = []
@@ -306,8 +306,8 @@ class LayerStreamer:
             return emb.weight.device
         return torch.device("cpu")
 
-    def _read(self, i: int) -> list[torch.Tensor]:
-        device = self.target_device()
+    def _read(self, i: int, device: torch.device | None = None) -> list[torch.Tensor]:
+        device = self.target_device() if device is None else device
         out = []
         for s in self.slots[i]:
             t = self.store.get(s.key)
@@ -323,16 +323,21 @@ class LayerStreamer:
         return list(self._resident)
 
     def load(self, i: int) -> None:
-        """Make layer ``i`` resident (evicting the least recently used layers beyond the cap)."""
+        """Make layer ``i`` resident on the target device (evicting the least recently used layers
+        beyond the cap). A layer resident on another device is read again: its weights are not
+        parameters, so ``model.to(...)`` (Lightning's setup and teardown) does not move them."""
+        device = self.target_device()
         if i in self._resident:
-            self._resident.move_to_end(i)
-            return
+            if self._resident[i] == device:
+                self._resident.move_to_end(i)
+                return
+            self.release(i)
         while len(self._resident) >= self.max_resident_layers:
             self.release(next(iter(self._resident)))
-        for s, t in zip(self.slots[i], self._read(i), strict=True):
+        for s, t in zip(self.slots[i], self._read(i, device), strict=True):
             setattr(s.module, s.attr, t)
             self._storage_of[t.untyped_storage().data_ptr()] = s
-        self._resident[i] = None
+        self._resident[i] = device
         self.loads += 1
         resident = self.other_bytes + sum(self.layer_bytes[j] for j in self._resident)
         self.peak_resident_bytes = max(self.peak_resident_bytes, resident)

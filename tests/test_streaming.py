@@ -121,6 +121,7 @@ def test_probe_from_disk_equals_in_memory(saved_llama, tmp_path):
     assert st.peak_resident_bytes <= int(cap_gb * GIB) < _model_bytes(model)
     # step 1: 4 loads forward, 2 reloads backward; step 2 starts with layers 0, 1 resident: 2 + 2
     assert st.loads == 10
+    assert st.resident_layers() == []  # released at the Trainer's teardown (they stay where they were read)
     a, b = whole.sensitivity, probe.sensitivity
     assert a.n_tokens == b.n_tokens == 4 * 11
     assert a.meta["model_fingerprint"] == b.meta["model_fingerprint"] == model_fingerprint(model)
@@ -179,6 +180,29 @@ def test_gemma4_language_layers_stream_and_the_vision_tower_stays(tmp_path):
     ids = _ids(2, 16, seed=3)
     with torch.no_grad():
         assert torch.equal(streamed(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_resident_layer_follows_the_model_to_another_device(saved_llama):
+    """Lightning moves the model (not the streamed layers, which are no parameters) between Trainer calls:
+    a layer resident on the old device is read again onto the new one, with the stored values."""
+    model, folder, _ = saved_llama
+    streamed = load_streamed_model(folder, dtype="float32", memory_cap_gb=10.0)  # every layer fits
+    st = streamer_of(streamed)
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        streamed(input_ids=ids)
+    assert st.resident_layers() == list(range(N_LAYERS)) and st.loads == N_LAYERS
+    q = streamed.model.layers[1].self_attn.q_proj
+    st.device = torch.device("meta")  # stands for the GPU Lightning's setup moves the model to
+    st.load(1)
+    assert q.weight.device.type == "meta" and st.loads == N_LAYERS + 1
+    st.load(1)
+    assert st.loads == N_LAYERS + 1  # already there: not read again
+    st.device = None  # back to the embeddings' device (the CPU), as after Lightning's teardown
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert q.weight.device.type == "cpu" and torch.equal(q.weight, model.model.layers[1].self_attn.q_proj.weight)
+    assert st.loads == N_LAYERS + 2  # only layer 1 was on another device
 
 
 def test_detach_puts_the_weights_back(saved_llama):
