@@ -42,7 +42,7 @@ from pq_lightning.lm_head import (
     split_head,
 )
 from pq_lightning.models import load_model
-from pq_lightning.streaming import load_streamed_model, streamer_of
+from pq_lightning.streaming import load_streamed_model, release_streamed_layers, streamer_of
 
 # Lightning warnings that are expected in probe-only mode (no optimizer; the model kept in eval mode)
 _PROBE_WARNINGS = (r".*configure_optimizers.*returned `None`.*", r"Found \d+ module\(s\) in eval mode.*")
@@ -230,11 +230,7 @@ class CausalLM(lightning.LightningModule):
         self.model.eval()
 
     def teardown(self, stage: str) -> None:
-        # streamed layers are no parameters, so Lightning's teardown does not move them off the device:
-        # drop them (the next stage reads each layer onto wherever the model is then)
-        streamer = streamer_of(self.model)
-        if streamer is not None:
-            streamer.release_all()
+        release_streamed_layers(self.model)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.probe_only:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .formats import CodeGrid, QuantFormat
+from .formats.code_grid import grid_weight
 from .lm_head import HeadSplit, RunFn, positions_per_chunk, split_head
 from .smooth import gain_offset
 
@@ -135,8 +136,7 @@ class CodeShift(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         v = self.values
         on_grid = v + (self._round(v.detach()) - v).detach()
-        rows, groups = self.scale.shape
-        return (on_grid.view(rows, groups, -1) * self.scale.unsqueeze(-1)).view(rows, -1).to(weight.dtype)
+        return grid_weight(on_grid, self.scale).to(weight.dtype)
 
 
 def attach_code_shifts(student: nn.Module, packed: Mapping[str, Mapping[str, Tensor]],
@@ -146,10 +146,8 @@ def attach_code_shifts(student: nn.Module, packed: Mapping[str, Mapping[str, Ten
     shifts: dict[str, CodeShift] = {}
     for name, fmt in formats.items():
         tensors = packed.get(name)
-        if tensors is None or not fmt.quantizes_weights:
-            continue
-        grid = fmt.code_grid(tensors)
-        if grid is None:
+        grid = None if tensors is None else fmt.code_grid(tensors)
+        if grid is None:  # no refined tensors, or a format without a grid (FP8, BF16)
             continue
         module = student.get_submodule(name)
         shift = CodeShift(grid).to(module.weight.device)

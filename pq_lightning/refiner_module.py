@@ -108,11 +108,9 @@ class GPTQRefiner(lightning.LightningModule):
         self._refine()
 
     def teardown(self, stage: str) -> None:
-        from .streaming import streamer_of
+        from .streaming import release_streamed_layers
 
-        streamer = streamer_of(self.model)  # streamed layers stay where they were read: free the device
-        if streamer is not None:
-            streamer.release_all()
+        release_streamed_layers(self.model)
 
     # ---- refinement ------------------------------------------------------------------------
     def split_batches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -353,6 +353,7 @@ class LayerStreamer:
         del self._resident[i]
 
     def release_all(self) -> None:
+        """Drop every resident layer (the next :meth:`load` reads it onto the device of that moment)."""
         for i in list(self._resident):
             self.release(i)
 
@@ -585,3 +586,11 @@ def load_streamed_model(
     LayerStreamer(model, store, memory_cap_bytes=cap, device=device, dtype=torch_dtype).attach()
     model.eval()
     return model
+
+
+def release_streamed_layers(model: nn.Module) -> None:
+    """Drop ``model``'s resident streamed layers, if it streams any: a LightningModule's ``teardown``
+    calls it, since Lightning moves the model's parameters off the device, not streamed layers."""
+    streamer = streamer_of(model)
+    if streamer is not None:
+        streamer.release_all()

@@ -104,14 +104,15 @@ PYEOF
   # A/B in the same call: per ';'-separated entry of GPU_QUANTIZE_AB, a copy of the output folder (its
   # caches: probe, fold, refine reused) rerun with those arguments added; reports in $OUT/b1, $OUT/b2...
   IFS=';' read -ra variants <<< "${GPU_QUANTIZE_AB:-}"
+  worst=0
   for i in "${!variants[@]}"; do
     b=/tmp/pq-out-b$((i + 1))
     rm -rf "$b" && cp -r /tmp/pq-out "$b" && mkdir -p "$OUT_DIR/b$((i + 1))"
     echo "== variant b$((i + 1)): ${variants[$i]}"
     # shellcheck disable=SC2086  # each entry is a list of arguments
     OUT_DIR="$OUT_DIR/b$((i + 1))" run_quantize "$b" "$ROOT/configs/smollm2-135m-wikitext.yaml" "${real[@]}" "$@" \
-      --overwrite true ${variants[$i]}
+      --overwrite true ${variants[$i]} || worst=$?
   done
-  exit $?
+  exit $worst
 } 2>&1 | tee "$OUT_DIR/gpu_quantize.log"
 exit "${PIPESTATUS[0]}"

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import torch
 
 
+def grid_weight(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values [out, in]`` times ``scale [out, groups]``, each scale over ``in / groups`` consecutive columns."""
+    rows, groups = scale.shape
+    return (values.view(rows, groups, -1) * scale.unsqueeze(-1)).view(rows, -1)
+
+
 @dataclass
 class CodeGrid:
     """``weight = values · scale`` per group of ``in / groups`` consecutive columns.
@@ -30,6 +36,4 @@ class CodeGrid:
 
     def weight(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """The served weight ``[out, in]`` (fp32) of ``values`` (default: :attr:`values`)."""
-        v = self.values if values is None else values
-        rows, groups = self.scale.shape
-        return (v.float().view(rows, groups, -1) * self.scale.float().unsqueeze(-1)).view(rows, -1)
+        return grid_weight((self.values if values is None else values).float(), self.scale.float())

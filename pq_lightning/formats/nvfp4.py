@@ -209,17 +209,15 @@ class NVFP4(QuantFormat):
 
     def code_grid(self, tensors: Mapping[str, torch.Tensor]) -> CodeGrid:
         """E2M1 values times each group's ``weight_scale / weight_global_scale``."""
-        q = NVFP4Weight(codes=unpack_codes(tensors["weight_packed"]), scale=tensors["weight_scale"],
-                        global_scale=tensors["weight_global_scale"].float())
-        eff = q.scale.float() / q.global_scale.reshape(1, 1)
-        return CodeGrid(values=e2m1_decode(q.codes), scale=eff, round=e2m1_round)
+        eff = tensors["weight_scale"].float() / tensors["weight_global_scale"].float().reshape(1, 1)
+        return CodeGrid(values=e2m1_decode(unpack_codes(tensors["weight_packed"])), scale=eff, round=e2m1_round)
 
     def pack_grid(self, tensors: Mapping[str, torch.Tensor], values: torch.Tensor) -> dict[str, torch.Tensor]:
         """New ``weight_packed`` from E2M1 ``values``; ``weight_scale`` and ``weight_global_scale`` kept."""
         if values.shape != tensors["weight_scale"].shape[:-1] + (tensors["weight_scale"].shape[-1] * GROUP_SIZE,):
             raise ValueError(f"NVFP4 pack_grid: values of shape {tuple(values.shape)} do not match the scales "
                              f"{tuple(tensors['weight_scale'].shape)} x {GROUP_SIZE}")
-        return {**tensors, "weight_packed": pack_codes(e2m1_codes(e2m1_round(values)))}
+        return {**tensors, "weight_packed": pack_codes(e2m1_codes(values))}  # nearest E2M1 code, ties as e2m1_round
 
     def refine(
         self,
