@@ -161,7 +161,9 @@ class TuneConfig:
     with their scales held (:class:`~pq_lightning.norm_tune.CodeShift`; Adam's step in units of each
     group's scale): the checkpoint is the same format with other codes. Off by default: on SmolLM2-135M
     at 4.5 bpp it moved no code, a few thousand for no test gain (64 x 512), or millions that wrecked
-    the held-out KL (16 x 256), depending on the step (README, "Code tuning").
+    the held-out KL (16 x 256), depending on the step (README, "Code tuning"). ``channel_scales``
+    also tunes a gain per output row of every FP8 Linear, at ``lr``, carried by the row scale FP8
+    stores anyway (:class:`~pq_lightning.norm_tune.ChannelGain`; rounded to BF16 as every FP8 scale).
 
     On by default: KL on WikiText-2 test fell on SmolLM2-135M and Gemma-3-270M at 4.5 and 6.0 bpp, at
     16 x 256 and at 64 x 512 calibration tokens (at 64 x 512 ``kl_conf`` -9.5 % / -1.4 % on SmolLM2,
@@ -176,6 +178,7 @@ class TuneConfig:
     keep: Literal["better", "always"] = "better"
     norms: Literal["inputs", "all"] = "inputs"
     codes_lr: float = 0.0
+    channel_scales: bool = False
 
     def __post_init__(self) -> None:
         if not (self.codes_lr >= 0 and math.isfinite(self.codes_lr)):
