@@ -11,9 +11,6 @@ A multiplicative parameter moves every channel by the same relative step whateve
 additive one moved small gains by up to 850 % at the step size that served the large ones). About
 35 k numbers on SmolLM2-135M (61 norms), so a few thousand calibration positions do not overfit them.
 
-Optionally each FP8 Linear's output rows take a gain too (:class:`ChannelGain`, ``tune.channel_scales``),
-carried by the per-row scale the format stores anyway, so the codes and the format stay as they are.
-
 Optionally the NVFP4 codes move too (:class:`CodeShift`, ``tune.codes_lr``): each value of the grid
 is a parameter rounded in the forward pass, the group scales stay as refined, and
 :func:`tuned_codes` packs what moved as standard NVFP4 tensors. Off by default (measured in the README).
@@ -32,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .formats import ChannelScale, CodeGrid, QuantFormat
+from .formats import CodeGrid, QuantFormat
 from .formats.code_grid import grid_weight
 from .lm_head import HeadSplit, RunFn, positions_per_chunk, split_head
 from .smooth import gain_offset
@@ -146,27 +143,17 @@ def attach_code_shifts(student: nn.Module, packed: Mapping[str, Mapping[str, Ten
                        formats: Mapping[str, QuantFormat]) -> dict[str, CodeShift]:
     """Parametrize the weight of each of ``student``'s served Linears whose format has a code grid
     (:meth:`QuantFormat.code_grid`) and whose refined tensors are in ``packed``; returns them by Linear."""
-    return _parametrize(student, packed, formats, lambda fmt, t: _maybe(CodeShift, fmt.code_grid(t)))
-
-
-def _maybe(cls, arg):
-    return None if arg is None else cls(arg)
-
-
-def _parametrize(student: nn.Module, packed: Mapping[str, Mapping[str, Tensor]], formats: Mapping[str, QuantFormat],
-                 build) -> dict[str, nn.Module]:
-    """``build(fmt, tensors)``'s parametrization (or ``None``: left as it is) on each Linear with packed tensors."""
-    out: dict[str, nn.Module] = {}
+    shifts: dict[str, CodeShift] = {}
     for name, fmt in formats.items():
         tensors = packed.get(name)
-        param = None if tensors is None else build(fmt, tensors)
-        if param is None:
+        grid = None if tensors is None else fmt.code_grid(tensors)
+        if grid is None:  # no refined tensors, or a format without a grid (FP8, BF16)
             continue
         module = student.get_submodule(name)
-        param = param.to(module.weight.device)
-        parametrize.register_parametrization(module, "weight", param, unsafe=True)
-        out[name] = param
-    return out
+        shift = CodeShift(grid).to(module.weight.device)
+        parametrize.register_parametrization(module, "weight", shift, unsafe=True)
+        shifts[name] = shift
+    return shifts
 
 
 @torch.no_grad()
@@ -182,50 +169,6 @@ def tuned_codes(shifts: Mapping[str, CodeShift], packed: Mapping[str, Mapping[st
         if n:
             moved += n
             out[name] = formats[name].pack_grid(packed[name], values)
-    return out, moved
-
-
-class ChannelGain(nn.Module):
-    """Parametrization of a served Linear's weight by a gain per output row, ``exp(φ)``, carried by
-    the row's scale (:class:`ChannelScale`): the forward multiplies each row by ``round(s·exp(φ)) / s``
-    (the scale the checkpoint will hold over the packed one, gradient passed straight through the
-    rounding); ``φ`` starts at 0, the weight as packed."""
-
-    def __init__(self, channel_scale: ChannelScale) -> None:
-        super().__init__()
-        self.register_buffer("scale", channel_scale.scale.detach().float().reshape(-1).clone())
-        self.phi = nn.Parameter(torch.zeros_like(self.scale))
-        self._round = channel_scale.round
-
-    def rounded(self) -> Tensor:
-        """The row scales to write (rounded)."""
-        return self._round(self.scale * torch.exp(self.phi.detach().float()))
-
-    def forward(self, weight: Tensor) -> Tensor:
-        s = self.scale * torch.exp(self.phi.float())
-        s = s + (self._round(s.detach()) - s).detach()
-        return (weight.float() * (s / self.scale).unsqueeze(1)).to(weight.dtype)
-
-
-def attach_channel_gains(student: nn.Module, packed: Mapping[str, Mapping[str, Tensor]],
-                         formats: Mapping[str, QuantFormat]) -> dict[str, ChannelGain]:
-    """Parametrize the weight of each of ``student``'s served Linears whose format carries a free row
-    scale (:meth:`QuantFormat.channel_scale`: FP8) by a :class:`ChannelGain`; returns them by Linear."""
-    return _parametrize(student, packed, formats, lambda fmt, t: _maybe(ChannelGain, fmt.channel_scale(t)))
-
-
-@torch.no_grad()
-def tuned_channel_scales(gains: Mapping[str, ChannelGain], packed: Mapping[str, Mapping[str, Tensor]],
-                         formats: Mapping[str, QuantFormat]) -> tuple[dict[str, dict[str, Tensor]], int]:
-    """The packed tensors of every Linear whose row scales moved (codes as refined), and how many moved."""
-    out: dict[str, dict[str, Tensor]] = {}
-    moved = 0
-    for name, gain in gains.items():
-        scale = gain.rounded().cpu()
-        n = int((scale != gain.scale.cpu()).sum())
-        if n:
-            moved += n
-            out[name] = formats[name].with_channel_scale(packed[name], scale)
     return out, moved
 
 

@@ -12,8 +12,7 @@ gives ``KL(reference ‖ quantized)`` there (before and after), in :attr:`NormTu
     weights = tuner.weights()  # norm name + ".weight" -> tuned tensor, for the checkpoint
 
 Under DDP only the gain parameters take gradients (a few tens of thousands of numbers), so the
-all-reduce is cheap (with ``channels`` one more number per FP8 output row; with ``codes`` every NVFP4
-weight value is reduced too); the held-out KL is
+all-reduce is cheap (with ``codes`` every NVFP4 weight value is reduced too); the held-out KL is
 summed over ranks.
 """
 
@@ -44,14 +43,10 @@ class NormTuner(lightning.LightningModule):
         codes: Linear name -> its :class:`~pq_lightning.norm_tune.CodeShift` (attached to ``student`` by
             :func:`~pq_lightning.norm_tune.attach_code_shifts`): grid values tuned beside the gains.
         codes_lr: Adam's step on the grid values (in units of each group's scale), cosine-annealed to zero.
-        channels: Linear name -> its :class:`~pq_lightning.norm_tune.ChannelGain` (attached to ``student``
-            by :func:`~pq_lightning.norm_tune.attach_channel_gains`): output-row gains tuned at ``lr``
-            beside the norm gains (the same relative step).
     """
 
     def __init__(self, reference: nn.Module, student: nn.Module, norms: Mapping[str, float], *, lr: float,
-                 codes: Mapping[str, Any] | None = None, codes_lr: float = 0.0,
-                 channels: Mapping[str, Any] | None = None) -> None:
+                 codes: Mapping[str, Any] | None = None, codes_lr: float = 0.0) -> None:
         super().__init__()
         if not norms:
             raise ValueError("NormTuner: no norm to tune (none found under the decoder layers)")
@@ -65,7 +60,6 @@ class NormTuner(lightning.LightningModule):
         self.lr = lr
         self.codes = dict(codes or {})  # modules of the student already: not registered twice
         self.codes_lr = codes_lr
-        self.channels = dict(channels or {})
         self.heldout_kl: float | None = None
         self._sum = torch.zeros((), dtype=torch.float64)
         self._count = torch.zeros((), dtype=torch.float64)
@@ -94,8 +88,7 @@ class NormTuner(lightning.LightningModule):
         self.heldout_kl = float(total / count) if float(count) else None
 
     def configure_optimizers(self) -> Any:
-        gains = [*self.gains.parameters(), *(c.phi for c in self.channels.values())]
-        groups = [{"params": gains, "lr": self.lr}]
+        groups = [{"params": list(self.gains.parameters()), "lr": self.lr}]
         if self.codes:
             groups.append({"params": [c.values for c in self.codes.values()], "lr": self.codes_lr})
         opt = torch.optim.Adam(groups)

@@ -200,9 +200,7 @@ def write_report(
                          + (f"; skipped: {'; '.join(sm['skipped'])}" if sm.get("skipped") else ""))
         tu = r.get("tune")
         if tu:
-            codes = f", {tu['codes_moved']} NVFP4 codes moved" if tu.get("codes_moved") else ""
-            codes += f", {tu['scales_moved']} FP8 row scales moved" if tu.get("scales_moved") else ""
-            codes += f" in {tu['linears_moved']} Linears" if codes else ""
+            codes = f", {tu['codes_moved']} NVFP4 codes moved in {tu['linears_moved']} Linears" if tu.get("codes_moved") else ""
             lines.append(f"  norm tuning: {tu['norms']} norms{codes}, held-out KL {_fmt(tu['heldout_kl_before'])} -> "
                          f"{_fmt(tu['heldout_kl_after'])}, " + ("kept" if tu["kept"] else "not kept"))
     lines += ["", "## Stages", "", _stage_table(stages), ""]

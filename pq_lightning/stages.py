@@ -505,12 +505,11 @@ class Tuned:
     key: str
     packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # Linear -> tensors, codes moved
     codes_moved: int = 0
-    scales_moved: int = 0  # FP8 row scales the channel gains changed
 
     def summary(self) -> dict:
         return {"norms": len(self.weights), "kept": self.kept, "heldout_kl_before": self.heldout_before,
                 "heldout_kl_after": self.heldout_after, "linears_moved": len(self.packed),
-                "codes_moved": self.codes_moved, "scales_moved": self.scales_moved}
+                "codes_moved": self.codes_moved}
 
     def save(self, path: Path) -> None:
         import json
@@ -536,7 +535,7 @@ class Tuned:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         packed = {name: {k: tensors.pop(f"{name}.{k}") for k in names} for name, names in meta.get("packed", {}).items()}
         return cls(tensors, bool(meta["kept"]), meta["heldout_kl_before"], meta["heldout_kl_after"], key, packed,
-                   int(meta.get("codes_moved", 0)), int(meta.get("scales_moved", 0)))
+                   int(meta.get("codes_moved", 0)))
 
 
 def tune(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, cal: Calibration, cfg: TuneConfig,
@@ -561,9 +560,7 @@ def tune(run: StageRunner, loaded: LoadedModel, plan_: Plan, refined: Refined, c
                 tuned.save(path)
             run.barrier()
     before, after = (f"{v:.5f}" if v is not None else "-" for v in (tuned.heldout_before, tuned.heldout_after))
-    codes = f", {tuned.codes_moved} NVFP4 codes moved" if cfg.codes_lr else ""
-    codes += f", {tuned.scales_moved} FP8 row scales moved" if cfg.channel_scales else ""
-    codes += f" in {len(tuned.packed)} Linears" if codes else ""
+    codes = f", {tuned.codes_moved} codes moved in {len(tuned.packed)} Linears" if cfg.codes_lr else ""
     run.console.print(f"tune: {len(tuned.weights)} norms{codes}, held-out KL {before} -> {after}, "
                       + ("kept" if tuned.kept else "not kept (the refined norms are written)"))
     return tuned
@@ -577,12 +574,10 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
     from .formats import get_format
     from .models import language_model_layers
     from .norm_tune import (
-        attach_channel_gains,
         attach_code_shifts,
         norms_feeding_linears,
         served_student,
         tunable_norms,
-        tuned_channel_scales,
         tuned_codes,
     )
     from .norm_tuner_module import NormTuner
@@ -597,9 +592,7 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
     packed = refined.output.packed
     formats = {name: get_format(f) for name, f in plan_.formats.items()}
     shifts = attach_code_shifts(student, packed, formats) if cfg.codes_lr > 0 else {}
-    channels = attach_channel_gains(student, packed, formats) if cfg.channel_scales else {}
-    tuner = NormTuner(loaded.model, student, norms, lr=cfg.lr, codes=shifts, codes_lr=cfg.codes_lr,
-                      channels=channels)
+    tuner = NormTuner(loaded.model, student, norms, lr=cfg.lr, codes=shifts, codes_lr=cfg.codes_lr)
     lt = _lightning_trainer(trainer, run, callbacks=[HeapTrim()], max_epochs=1, num_sanity_val_steps=0,
                             use_distributed_sampler=False)
     # every epoch's shuffle laid out in one pass; under DDP each global batch of batch_size windows is split
@@ -621,8 +614,7 @@ def _run_tuner(run, loaded, plan_, refined, cal, cfg, trainer, key) -> Tuned:
     after = tuner.heldout_kl
     kept = cfg.keep == "always" or (after is not None and before is not None and after < before)
     moved, n_moved = tuned_codes(shifts, packed, formats)
-    rescaled, n_rescaled = tuned_channel_scales(channels, packed, formats)  # FP8 only: no Linear in both
-    return Tuned(tuner.weights(), kept, before, after, key, {**moved, **rescaled}, n_moved, n_rescaled)
+    return Tuned(tuner.weights(), kept, before, after, key, moved, n_moved)
 
 
 @dataclass

@@ -11,10 +11,8 @@ from pq_lightning.config import TuneConfig
 from pq_lightning.formats import get_format
 from pq_lightning.formats.e2m1 import e2m1_decode, unpack_codes
 from pq_lightning.norm_tune import (
-    ChannelGain,
     CodeShift,
     GainScale,
-    attach_channel_gains,
     attach_code_shifts,
     attach_gains,
     kl_to_reference,
@@ -22,7 +20,6 @@ from pq_lightning.norm_tune import (
     served_student,
     swapped_weights,
     tunable_norms,
-    tuned_channel_scales,
     tuned_codes,
     tuned_weights,
 )
@@ -48,18 +45,6 @@ def _input_amax(model, ids):
     for h in hooks:
         h.remove()
     return amax
-
-
-def _quantize_tiny(tmp_path, model_dir, out, bits, tune):
-    """``quantize`` of the tiny model at ``bits`` into ``tmp_path / out`` (no smoothing, no evaluation)."""
-    from pq_lightning.pipeline import CalibrationConfig, EvalConfig, SmoothConfig, TrainerConfig, quantize
-
-    return quantize(
-        model=str(model_dir), output_dir=str(tmp_path / out), target_bits=bits, dtype="float32",
-        calibration=CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32, num_samples=8, batch_size=4,
-                                      holdout_fraction=0.25),
-        evaluation=EvalConfig(enabled=False), trainer=TrainerConfig(accelerator="cpu"),
-        smooth=SmoothConfig(enabled=False), tune=tune)
 
 
 def _ids(n=2, t=24, seed=0):
@@ -195,35 +180,6 @@ def test_swapped_weights_restores_even_on_error(tiny_llama):
         pass
 
 
-def test_channel_gain_starts_at_the_packed_weight_and_writes_bf16_row_scales():
-    fmt = get_format("fp8")
-    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
-    tensors = fmt.pack(w)
-    gain = ChannelGain(fmt.channel_scale(tensors))
-    served = fmt.unpack(tensors)
-    assert torch.equal(gain(served), served)
-    # straight through the rounding: d(W·exp(φ))/dφ at 0 is Σ_i G[o, i]·W[o, i]
-    g = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
-    (grad,) = torch.autograd.grad((gain(served) * g).sum(), gain.phi)
-    torch.testing.assert_close(grad, (g * served).sum(1), rtol=1e-6, atol=1e-6)
-    with torch.no_grad():
-        gain.phi.copy_(torch.tensor([0.0, 0.1, -0.2, 1e-4, 0.05, -0.05]))
-    s = tensors["weight_scale"].float().reshape(-1)
-    want = (s * torch.exp(gain.phi.detach())).to(torch.bfloat16).float()  # the nearest BF16 scale
-    codes = tensors["weight"].float()
-    torch.testing.assert_close(gain(served), codes * want.unsqueeze(1), rtol=1e-6, atol=0)
-    moved, n = tuned_channel_scales({"lin": gain}, {"lin": tensors}, {"lin": fmt})
-    assert n == int((want != s).sum()) == 4  # rows 0 and 3 (a step below BF16's) keep their scale
-    assert torch.equal(moved["lin"]["weight"].view(torch.uint8), tensors["weight"].view(torch.uint8))
-    assert torch.equal(moved["lin"]["weight_scale"], want.reshape(6, 1))
-    assert torch.equal(fmt.unpack(moved["lin"]), codes * want.unsqueeze(1))
-    assert get_format("nvfp4").channel_scale(get_format("nvfp4").pack(w)) is None
-    with pytest.raises(ValueError, match="scales"):
-        fmt.with_channel_scale(tensors, torch.ones(5))
-    with pytest.raises(ValueError, match="> 0"):
-        fmt.with_channel_scale(tensors, -torch.ones(6))
-
-
 def test_norm_tuner_lowers_the_kl_on_its_windows(make_tiny_llama):
     """Trainer.fit over fixed windows: the KL measured on them by a plain forward falls; θ = 0 is the identity."""
     from conftest import quiet_trainer
@@ -291,38 +247,6 @@ def test_code_tuning_lowers_the_kl_further_and_keeps_the_scales(make_tiny_llama)
         NormTuner(tiny_llama, student, {"model.norm": 0.0}, lr=1e-2, codes=shifts, codes_lr=0.0)
 
 
-def test_channel_gains_lower_the_kl_further_and_keep_the_codes(make_tiny_llama):
-    """Norms and FP8 row gains tuned together fit the windows better than the norms alone; only scales move."""
-    from conftest import quiet_trainer
-    from torch.utils.data import DataLoader
-
-    from pq_lightning.data import WindowDataset
-    from pq_lightning.norm_tuner_module import NormTuner
-
-    tiny_llama = make_tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.2)
-    ids = _ids(8, 24)
-    plan = {n: ("fp8" if n.endswith(("o_proj", "down_proj", "up_proj")) else "nvfp4") for n in _plan(tiny_llama)}
-    amax = _input_amax(tiny_llama, ids)
-    formats = {n: get_format(f) for n, f in plan.items()}
-    packed = {n: formats[n].pack(tiny_llama.get_submodule(n).weight.detach()) for n in plan}
-    results = {}
-    for channel_scales in (False, True):
-        student = served_student(tiny_llama, plan, packed, amax, ())
-        gains = attach_channel_gains(student, packed, formats) if channel_scales else {}
-        assert set(gains) == ({n for n, f in plan.items() if f == "fp8"} if channel_scales else set())
-        tuner = NormTuner(tiny_llama, student, tunable_norms(tiny_llama, "model.layers", "model.norm"), lr=3e-2,
-                          channels=gains)
-        quiet_trainer(max_epochs=8).fit(tuner, train_dataloaders=DataLoader(WindowDataset(ids), batch_size=4))
-        with torch.no_grad():
-            results[channel_scales] = float(kl_to_reference(tiny_llama, student, ids))
-    moved, n = tuned_channel_scales(gains, packed, formats)
-    assert n > 0 and set(moved) <= set(gains)
-    for name, tensors in moved.items():
-        assert torch.equal(tensors["weight"].view(torch.uint8), packed[name]["weight"].view(torch.uint8))
-        torch.testing.assert_close(formats[name].unpack(tensors), student.get_submodule(name).weight, rtol=1e-6, atol=0)
-    assert results[True] < 0.99 * results[False]  # 0.2630 against 0.2707
-
-
 def test_tune_config_refuses_bad_values():
     for bad in (dict(epochs=0), dict(lr=0.0), dict(lr=float("nan")), dict(keep="sometimes"), dict(batch_size=0),
                 dict(norms="some"), dict(codes_lr=-1.0), dict(codes_lr=float("inf"))):
@@ -378,8 +302,15 @@ def test_quantize_writes_the_tuned_codes_with_the_refined_scales(tmp_path, tiny_
     """With ``codes_lr`` the checkpoint's NVFP4 codes are the tune's (some moved), its scales the refiner's."""
     from safetensors.torch import load_file
 
+    from pq_lightning.pipeline import CalibrationConfig, EvalConfig, SmoothConfig, TrainerConfig, quantize
+
     def run(out, tune):
-        return _quantize_tiny(tmp_path, tiny_model_dir, out, 4.5, tune)
+        return quantize(
+            model=str(tiny_model_dir), output_dir=str(tmp_path / out), target_bits=4.5, dtype="float32",
+            calibration=CalibrationConfig(source=str(tmp_path / "text.txt"), seqlen=32, num_samples=8, batch_size=4,
+                                          holdout_fraction=0.25),
+            evaluation=EvalConfig(enabled=False), trainer=TrainerConfig(accelerator="cpu"),
+            smooth=SmoothConfig(enabled=False), tune=tune)
 
     run("plain", TuneConfig(enabled=False))
     report = run("codes", TuneConfig(enabled=True, epochs=2, lr=2e-2, codes_lr=0.5, keep="always"))
@@ -400,31 +331,3 @@ def test_quantize_writes_the_tuned_codes_with_the_refined_scales(tmp_path, tiny_
         moved += int((e2m1_decode(unpack_codes(after[k])) != e2m1_decode(unpack_codes(before[k]))).sum())  # -0 == 0
     assert moved == report["tune"]["codes_moved"]
     assert f"{moved} NVFP4 codes moved in {len(packed)} Linears" in (tmp_path / "codes" / "report.md").read_text()
-
-
-def test_quantize_writes_the_tuned_fp8_row_scales_with_the_refined_codes(tmp_path, tiny_model_dir):
-    """With ``channel_scales`` the checkpoint's FP8 row scales are the tune's (some moved), its codes the refiner's."""
-    from safetensors.torch import load_file
-
-    def run(out, tune):
-        return _quantize_tiny(tmp_path, tiny_model_dir, out, 6.0, tune)
-
-    run("plain", TuneConfig(enabled=False))
-    report = run("gains", TuneConfig(enabled=True, epochs=2, lr=2e-2, channel_scales=True, keep="always"))
-    assert report["tune"]["scales_moved"] > 0 and report["tune"]["kept"] and report["tune"]["codes_moved"] == 0
-    shard = "model-00001-of-00001.safetensors"
-    before = load_file(tmp_path / "plain" / "checkpoint-6bpp" / shard)
-    after = load_file(tmp_path / "gains" / "checkpoint-6bpp" / shard)
-    (cache,) = (tmp_path / "gains" / "work").glob("tune-*.safetensors")
-    tuned = load_file(cache)
-    scales = [k for k in tuned if k.endswith(".weight_scale")]
-    assert len(scales) == report["tune"]["linears_moved"] > 0
-    moved = 0
-    for k in scales:
-        stem = k.removesuffix("weight_scale")
-        assert after[stem + "weight"].dtype == torch.float8_e4m3fn, stem  # an FP8 Linear
-        assert torch.equal(after[stem + "weight"].view(torch.uint8), before[stem + "weight"].view(torch.uint8))
-        assert torch.equal(after[k], tuned[k]) and torch.equal(after[k], after[k].to(torch.bfloat16).float()), k
-        moved += int((after[k] != before[k]).sum())
-    assert moved == report["tune"]["scales_moved"]
-    assert f"{moved} FP8 row scales moved in {len(scales)} Linears" in (tmp_path / "gains" / "report.md").read_text()

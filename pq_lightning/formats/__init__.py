@@ -24,7 +24,6 @@ is not registered by default.
 from __future__ import annotations
 
 from .base import NonFiniteTensorError, QuantFormat, check_finite
-from .channel_scale import ChannelScale
 from .code_grid import CodeGrid
 from .compact import CompactWeight
 from .fp8 import BF16, FP8, FP8W8A16
@@ -77,7 +76,6 @@ for _fmt in (NVFP4(), NVFP4A16(), FP8(), FP8W8A16(), BF16()):
 
 __all__ = [
     "BF16",
-    "ChannelScale",
     "CodeGrid",
     "CompactWeight",
     "FP8",

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .channel_scale import ChannelScale
 from .code_grid import CodeGrid
 from .compact import CompactWeight
 
@@ -183,17 +182,6 @@ class QuantFormat(ABC):
         """``tensors`` with the codes replaced by ``values`` (points of :meth:`code_grid`'s grid), the
         scales as they were."""
         raise NotImplementedError(f"{self.name} has no code grid (code_grid returns None)")
-
-    def channel_scale(self, tensors: Mapping[str, torch.Tensor]) -> ChannelScale | None:
-        """The per-output-row scale of :meth:`pack`'s ``tensors`` when the server reads it as any value
-        (:class:`ChannelScale`: a free gain per output channel for norm tuning), or ``None`` (NVFP4's
-        group scales are FP8 numbers; BF16 has no scale)."""
-        return None
-
-    def with_channel_scale(self, tensors: Mapping[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``tensors`` with each output row's scale replaced by ``scale [out]`` (rounded as
-        :meth:`channel_scale`'s ``round``), the codes as they were."""
-        raise NotImplementedError(f"{self.name} has no free channel scale (channel_scale returns None)")
 
     # ---- refinement ----------------------------------------------------------------------
     def refine(

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import QuantFormat, Shape, check_finite
-from .channel_scale import ChannelScale
 from .compact import CompactWeight
 
 if TYPE_CHECKING:
@@ -35,18 +34,13 @@ def fp8_round(scaled: torch.Tensor) -> torch.Tensor:
     return torch.clamp(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def bf16_scale(s: torch.Tensor) -> torch.Tensor:
-    """Each scale rounded to the nearest BF16 value, in fp32 (what an FP8 row scale may be)."""
-    return s.float().to(torch.bfloat16).float()
-
-
 def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """Per-channel weight scale: ``absmax_scale`` rounded to the nearest BF16 value, kept in fp32.
 
     Rounding to nearest (not up) is what compressed-tensors does for a BF16 model; the largest
     weight of a row may then land a hair above 448 and is clamped, an error below 2^-9 relative.
     """
-    s = bf16_scale(absmax_scale(amax))
+    s = absmax_scale(amax).to(torch.bfloat16).float()
     # a tiny amax whose scale underflows BF16's normal range still gets a nonzero scale
     return torch.where(s == 0, torch.full_like(s, _FP32_EPS), s)
 
@@ -108,19 +102,6 @@ class FP8(QuantFormat):
             codes=t["weight"].view(torch.uint8), table=fp8_byte_values(w.device),
             scale=t["weight_scale"].float().reshape(-1, 1),
         )
-
-    def channel_scale(self, tensors: Mapping[str, torch.Tensor]) -> ChannelScale:
-        """``weight_scale`` per row; any BF16 value is servable (see the module notes on BF16 scales)."""
-        return ChannelScale(scale=tensors["weight_scale"].float().reshape(-1), round=bf16_scale)
-
-    def with_channel_scale(self, tensors: Mapping[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """New ``weight_scale`` (each rounded to the nearest BF16 value, as :meth:`pack`'s), ``weight`` kept."""
-        old = tensors["weight_scale"]
-        if scale.numel() != old.shape[0]:
-            raise ValueError(f"FP8 with_channel_scale: {scale.numel()} scales for {old.shape[0]} rows")
-        if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
-            raise ValueError("FP8 with_channel_scale: every row scale must be finite and > 0")
-        return {**tensors, "weight_scale": bf16_scale(scale.detach().float()).reshape(old.shape).to(old.device)}
 
     def refine(
         self,
