@@ -134,7 +134,7 @@ class LinearDecision:
     ``"sweep+gptq"`` or ``"bf16"`` (left as is); ``damp`` the chosen GPTQ damping or ``None``.
     ``heldout_chosen`` is the chosen candidate's held-out error, the gate's evidence. Both are
     ``None`` (and ``errors`` empty) for a Linear no decision needed to measure: one its format packs
-    by RTN (FP8 by default), unless the walk runs with ``rtn_errors``. ``refit``: the
+    by RTN (FP8 unless ``fp8_gptq``), unless the walk runs with ``rtn_errors``. ``refit``: the
     packed weight is that recipe solved again on the fit and held-out tokens together
     (:attr:`~pq_lightning.gptq.GPTQConfig.refit`); its errors are ``errors["refit"]`` (in-sample).
     ``target_damp``: the candidates were fitted to the input-compensating target at that damping
